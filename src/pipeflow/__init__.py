@@ -1,0 +1,68 @@
+"""pipeflow: data pipelines that mix coroutines, threads and processes.
+
+A pipeline pulls items from a source, pushes them through stages joined by bounded
+queues, and writes results to a sink. Each stage runs on the event loop (`async`), in a
+thread pool (`thread`), in a process pool (`process`), or in any executor you pass.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._errors import ConfigError as ConfigError
+from ._errors import ErrorBudgetExceeded as ErrorBudgetExceeded
+from ._errors import ItemError as ItemError
+from ._errors import ItemTimeout as ItemTimeout
+from ._errors import PipeflowError as PipeflowError
+from ._errors import PipelineError as PipelineError
+from ._errors import RemoteTraceback as RemoteTraceback
+from ._errors import WorkerCrashed as WorkerCrashed
+from ._log import configure_logging as configure_logging
+from ._pipeline import Pipeline as Pipeline
+from ._report import RunReport as RunReport
+from ._report import StageReport as StageReport
+from ._sinks import CallableSink as CallableSink
+from ._sinks import CsvSink as CsvSink
+from ._sinks import JsonlSink as JsonlSink
+from ._sinks import ListSink as ListSink
+from ._sinks import NullSink as NullSink
+from ._sinks import Sink as Sink
+from ._sinks import StdoutSink as StdoutSink
+from ._sources import csv_rows as csv_rows
+from ._sources import jsonl_records as jsonl_records
+from ._sources import text_lines as text_lines
+from ._stage import Pool as Pool
+from ._stage import Retry as Retry
+from ._stage import Stage as Stage
+
+try:
+    __version__ = version("pipeflow")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "CallableSink",
+    "ConfigError",
+    "CsvSink",
+    "ErrorBudgetExceeded",
+    "ItemError",
+    "ItemTimeout",
+    "JsonlSink",
+    "ListSink",
+    "NullSink",
+    "PipeflowError",
+    "Pipeline",
+    "PipelineError",
+    "Pool",
+    "RemoteTraceback",
+    "Retry",
+    "RunReport",
+    "Sink",
+    "Stage",
+    "StageReport",
+    "StdoutSink",
+    "WorkerCrashed",
+    "__version__",
+    "configure_logging",
+    "csv_rows",
+    "jsonl_records",
+    "text_lines",
+]

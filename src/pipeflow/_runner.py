@@ -1,0 +1,861 @@
+"""The engine: one run of a pipeline, as one task group of source, stages and sink.
+
+    source ──batches──> [queue] stage 1 ──> [queue] stage 2 ──> ... ──> [queue] sink
+                                   │
+                        chunks ──> executor (loop | threads | processes | lent pool)
+
+Queues are anyio memory object streams bounded in batches, so a fast source waits for
+the slowest stage instead of filling memory. A stage splits what it receives into chunks
+(one executor call each), runs up to its in-flight limit of chunks at once, and emits
+results either in input order, through a bounded window of pending chunks, or as they
+complete. The first fatal error cancels the task group; pools are shut down on every
+exit path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import math
+import os
+import random
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import anyio
+import anyio.to_thread
+import cloudpickle
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from . import _worker
+from ._errors import (
+    ConfigError,
+    ErrorBudgetExceeded,
+    ItemTimeout,
+    PipelineError,
+    RemoteTraceback,
+    WorkerCrashed,
+    short_repr,
+)
+from ._log import logger
+from ._pools import PoolHandle
+from ._report import RunReport, StageReport
+from ._sinks import Sink
+from ._stage import Stage
+from ._worker import ChunkResult, Collector, Failure, StageCall
+
+if TYPE_CHECKING:
+    from ._pipeline import Pipeline
+
+__all__ = ["Runner"]
+
+# A source batch doubles from 1 item up to this, so the first item flows at once and a
+# fast source soon moves in large batches.
+SOURCE_MAX_BATCH = 16384
+# A batch from a slow source is sent after this long even if it is not full.
+FLUSH_INTERVAL_S = 0.05
+# `batch: auto` aims for executor calls this long: long enough to hide the call's
+# overhead (~100 µs for a process pool), short enough to keep results flowing.
+TARGET_CALL_S = {"process": 0.02, "executor": 0.05, "thread": 0.002, "async": 0.0}
+MAX_CHUNK = {"process": 16384, "executor": 16384, "thread": 1024, "async": 1}
+PROGRESS_INTERVAL_S = 0.2
+
+
+class Batch(NamedTuple):
+    """Items in flight together: their source positions and their values."""
+
+    indices: Sequence[int]
+    values: list[Any]
+
+
+class _Slot:
+    """A chunk's place in the ordered output: filled when the chunk is done."""
+
+    __slots__ = ("done", "output")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.output: Batch | None = None
+
+
+class _ChunkSizer:
+    """Items per executor call: fixed, or sized from the measured per-item cost."""
+
+    def __init__(self, fixed: int | None, kind: str) -> None:
+        self.fixed = fixed
+        self.size = fixed or 1
+        self.target = TARGET_CALL_S[kind]
+        self.limit = MAX_CHUNK[kind]
+        self.per_item: float | None = None
+
+    def observe(self, items: int, busy_s: float) -> None:
+        if self.fixed is not None or items == 0 or self.target == 0:
+            return
+        cost = max(busy_s / items, 1e-8)
+        self.per_item = cost if self.per_item is None else 0.7 * self.per_item + 0.3 * cost
+        self.size = max(1, min(self.limit, int(self.target / self.per_item)))
+
+
+async def _send(send: MemoryObjectSendStream[Any], item: Any, report: StageReport | None) -> None:
+    """Send, counting the time spent blocked on a full queue against `report`."""
+    try:
+        send.send_nowait(item)
+    except anyio.WouldBlock:
+        started = time.perf_counter()
+        await send.send(item)
+        if report is not None:
+            report.blocked_s += time.perf_counter() - started
+
+
+def _pull(iterator: Iterator[Any], size: int, interval: float) -> list[Any]:
+    """Up to `size` items; fewer if the source is slow (`interval` after the first item)."""
+    values: list[Any] = []
+    deadline = 0.0
+    for value in iterator:
+        values.append(value)
+        if len(values) >= size:
+            break
+        if len(values) == 1:
+            deadline = time.monotonic() + interval
+        elif time.monotonic() > deadline:
+            break
+    return values
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The exception inside (nested) exception groups, or `exc` itself."""
+    return unwrap_group(exc) if isinstance(exc, BaseExceptionGroup) else exc
+
+
+def unwrap_group(group: BaseExceptionGroup[Any]) -> BaseException:
+    """What a failed task group means for the user: its PipelineError if it has one,
+    else its first exception that is not a cancellation."""
+    chosen, _ = group.split(PipelineError)
+    if chosen is None:
+        cancelled = anyio.get_cancelled_exc_class()
+        chosen, _ = group.split(lambda e: not isinstance(e, cancelled))
+    exc: BaseException = chosen if chosen is not None else group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _error_of(stage: str, index: int | None, value: Any, exc: BaseException) -> PipelineError:
+    error = PipelineError(
+        stage=stage,
+        index=index,
+        item_repr=short_repr(value) if index is not None else None,
+        error_type=type(exc).__qualname__,
+        error_message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+    )
+    error.__cause__ = exc
+    return error
+
+
+# --- stages -------------------------------------------------------------------------------
+
+
+class StageRun:
+    """One stage during one run: its chunks, its executor calls, its error policy."""
+
+    def __init__(self, runner: Runner, stage: Stage, pool: PoolHandle | None, key: str) -> None:
+        self.runner = runner
+        self.stage = stage
+        self.name: str = stage.name or "stage"
+        self.pool = pool
+        self.kind = pool.kind if pool is not None else "async"
+        self.workers = pool.workers if pool is not None else stage.workers
+        fixed = 1 if stage.timeout is not None else (
+            None if stage.batch == "auto" else int(stage.batch)
+        )
+        self.sizer = _ChunkSizer(fixed, self.kind)
+        # a process pool is kept busy by one call queued behind each running one
+        self.in_flight = self.workers * 2 if self.kind in ("process", "executor") else self.workers
+        self.limiter = anyio.Semaphore(self.in_flight)
+        self.report = StageReport(
+            name=self.name, kind=self.kind, workers=self.workers, queue_size=stage.queue_size
+        )
+        self.retry = stage.retry
+        self.random = random.Random()
+        self.call: StageCall | None = None
+        self.async_state: Any = None
+        if pool is not None:
+            self.call = self._stage_call(key)
+
+    def _stage_call(self, key: str) -> StageCall:
+        stage = self.stage
+        if not (self.pool is not None and self.pool.remote):
+            return StageCall(key, stage.fn, stage.op, stage.setup, stage.teardown)
+        parts = {"fn": stage.fn, "setup": stage.setup, "teardown": stage.teardown}
+        blobs: dict[str, bytes | None] = {}
+        for part, obj in parts.items():
+            if obj is None:
+                blobs[part] = None
+                continue
+            try:
+                blobs[part] = cloudpickle.dumps(obj)
+            except Exception as exc:
+                raise ConfigError(
+                    f"stage {self.name!r}: its {part} cannot be pickled for a process pool "
+                    f"({type(exc).__name__}: {exc}); use a module-level function, or kind: thread"
+                ) from None
+        fn_blob = blobs["fn"]
+        assert fn_blob is not None
+        return StageCall(key, fn_blob, stage.op, blobs["setup"], blobs["teardown"])
+
+    # --- the stage's main loop ---
+
+    async def run(self, recv: MemoryObjectReceiveStream[Batch], out: MemoryObjectSendStream[Batch]) -> None:
+        """Take batches from `recv` until it ends, send results to `out`, then close it."""
+        stage = self.stage
+        logger.debug("stage_start", stage=self.name, kind=self.kind, workers=self.workers)
+        async with recv, out:
+            if self.kind == "async" and stage.setup is not None:
+                state = stage.setup()
+                self.async_state = await state if isinstance(state, Awaitable) else state
+            try:
+                async with anyio.create_task_group() as tg:
+                    if stage.ordered:
+                        await self._dispatch_ordered(tg, recv, out)
+                    else:
+                        await self._dispatch_unordered(tg, recv, out)
+            finally:
+                if self.kind == "async" and stage.setup is not None and stage.teardown:
+                    with anyio.CancelScope(shield=True):
+                        result = stage.teardown(self.async_state)
+                        if isinstance(result, Awaitable):
+                            await result
+        logger.debug("stage_end", stage=self.name, items_in=self.report.items_in,
+                     items_out=self.report.items_out)
+
+    async def _dispatch_ordered(
+        self, tg: TaskGroup, recv: MemoryObjectReceiveStream[Batch], out: MemoryObjectSendStream[Batch]
+    ) -> None:
+        # Pending slots are bounded: a slow head chunk holds back at most this many others.
+        slots_send, slots_recv = anyio.create_memory_object_stream[_Slot](self.in_flight * 2)
+        tg.start_soon(self._emit_in_order, slots_recv, out)
+        async with slots_send:
+            async for chunk in self._chunks(recv):
+                await self.limiter.acquire()
+                slot = _Slot()
+                await slots_send.send(slot)
+                tg.start_soon(self._fill_slot, chunk, slot)
+
+    async def _fill_slot(self, chunk: Batch, slot: _Slot) -> None:
+        try:
+            slot.output = await self.process(chunk)
+        finally:
+            self.limiter.release()
+        slot.done.set()
+
+    async def _emit_in_order(
+        self, slots: MemoryObjectReceiveStream[_Slot], out: MemoryObjectSendStream[Batch]
+    ) -> None:
+        async with slots:
+            async for slot in slots:
+                await slot.done.wait()
+                output = slot.output
+                if output is not None and output.values:
+                    await _send(out, output, self.report)
+
+    async def _dispatch_unordered(
+        self, tg: TaskGroup, recv: MemoryObjectReceiveStream[Batch], out: MemoryObjectSendStream[Batch]
+    ) -> None:
+        async for chunk in self._chunks(recv):
+            await self.limiter.acquire()
+            tg.start_soon(self._process_and_send, chunk, out)
+
+    async def _process_and_send(self, chunk: Batch, out: MemoryObjectSendStream[Batch]) -> None:
+        try:
+            output = await self.process(chunk)
+        finally:
+            self.limiter.release()
+        if output.values:
+            await _send(out, output, self.report)
+
+    async def _chunks(self, recv: MemoryObjectReceiveStream[Batch]) -> Any:
+        """Chunks to run: what arrives, merged with what already waits, split to size."""
+        report = self.report
+        while True:
+            try:
+                batch = recv.receive_nowait()
+            except anyio.WouldBlock:
+                started = time.perf_counter()
+                try:
+                    batch = await recv.receive()
+                except anyio.EndOfStream:
+                    return
+                report.idle_s += time.perf_counter() - started
+            except anyio.EndOfStream:
+                return
+            size = self.sizer.size
+            indices, values = batch
+            if len(values) < size:  # merge what already waits, never wait for more
+                merged_indices, merged_values = list(indices), list(values)
+                while len(merged_values) < size:
+                    try:
+                        more = recv.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                    merged_indices.extend(more.indices)
+                    merged_values.extend(more.values)
+                indices, values = merged_indices, merged_values
+            count = len(values)
+            report.items_in += count
+            if recv.statistics().current_buffer_used == 0 and self.workers > 1:
+                # nothing else waits: share this batch between the workers
+                size = min(size, math.ceil(count / self.workers))
+            if count <= size:
+                yield Batch(indices, values)
+                continue
+            for start in range(0, count, size):
+                yield Batch(indices[start : start + size], values[start : start + size])
+
+    # --- one chunk ---
+
+    async def process(self, chunk: Batch) -> Batch:
+        """Run one chunk, retrying and settling failures; return its results in order."""
+        result = await self._call_isolating(chunk.values)
+        if not result.failures:
+            return self._outputs_fast(chunk, result)
+        by_position: dict[int, list[Any]] = {}
+        self._collect(result, range(len(chunk.values)), by_position)
+        failures = result.failures
+        attempt = 1
+        while failures:
+            retryable: list[Failure] = []
+            for failure in failures:
+                if self._should_retry(failure, attempt):
+                    retryable.append(failure)
+                else:
+                    await self._settle(chunk, failure, attempt, result.worker)
+            if not retryable:
+                break
+            self.report.retries += len(retryable)
+            assert self.retry is not None
+            logger.info("item_retry", stage=self.name, attempt=attempt + 1,
+                        items=[chunk.indices[f.position] for f in retryable],
+                        error=retryable[0].error_type)
+            await anyio.sleep(self.retry.delay(attempt, self.random.random))
+            attempt += 1
+            positions = [f.position for f in retryable]
+            result = await self._call_isolating([chunk.values[p] for p in positions])
+            self._collect(result, positions, by_position)
+            failures = [
+                Failure(positions[f.position], f.error, f.error_type, f.message, f.traceback)
+                for f in result.failures
+            ]
+        indices: list[int] = []
+        values: list[Any] = []
+        for position in sorted(by_position):
+            produced = by_position[position]
+            values.extend(produced)
+            indices.extend([chunk.indices[position]] * len(produced))
+        self.report.items_out += len(values)
+        return Batch(indices, values)
+
+    def _outputs_fast(self, chunk: Batch, result: ChunkResult) -> Batch:
+        self.report.items_out += len(result.outputs)
+        if self.stage.op == "filter":
+            self.report.filtered_out += len(chunk.values) - len(result.outputs)
+        if result.kept is None:
+            return Batch(chunk.indices, result.outputs)
+        indices = chunk.indices
+        return Batch([indices[p] for p in result.kept], result.outputs)
+
+    def _collect(
+        self, result: ChunkResult, positions: Sequence[int], by_position: dict[int, list[Any]]
+    ) -> None:
+        """File a (partial) chunk's outputs under the chunk positions they came from."""
+        failed = {f.position for f in result.failures}
+        kept = result.kept if result.kept is not None else range(len(result.outputs))
+        for output, local in zip(result.outputs, kept, strict=True):
+            by_position.setdefault(positions[local], []).append(output)
+        if self.stage.op == "filter":
+            passed = {positions[local] for local in kept}
+            dropped = [p for i, p in enumerate(positions) if i not in failed and p not in passed]
+            self.report.filtered_out += len(dropped)
+
+    def _should_retry(self, failure: Failure, attempt: int) -> bool:
+        retry = self.retry
+        if retry is None or attempt >= retry.attempts or isinstance(failure.error, WorkerCrashed):
+            return False
+        return isinstance(failure.error, retry.retry_on)
+
+    async def _settle(self, chunk: Batch, failure: Failure, attempts: int, worker: str) -> None:
+        """Apply `on_error` to an item whose last attempt failed."""
+        report = self.report
+        index = chunk.indices[failure.position]
+        value = chunk.values[failure.position]
+        policy = self.stage.on_error
+        report.errors += 1
+        if isinstance(failure.error, WorkerCrashed):
+            report.crashed += 1
+        elif isinstance(failure.error, ItemTimeout):
+            report.timed_out += 1
+        logger.warning(
+            "item_error", stage=self.name, index=index, item=short_repr(value),
+            error=failure.error_type, message=failure.message, attempts=attempts,
+            worker=worker, on_error=policy,
+        )
+        if policy == "fail":
+            report.failed += 1
+            raise self._pipeline_error(index, value, failure, attempts)
+        if policy == "skip":
+            report.skipped += 1
+        else:
+            report.dead_lettered += 1
+            record = {
+                "stage": self.name, "index": index, "item": value,
+                "error": failure.error_type, "message": failure.message,
+                "traceback": failure.traceback, "attempts": attempts,
+            }
+            await self.runner.dead_letter(record)
+        self.runner.check_error_budget()
+
+    def _pipeline_error(self, index: int, value: Any, failure: Failure, attempts: int) -> PipelineError:
+        error = PipelineError(
+            stage=self.name, index=index, item_repr=short_repr(value),
+            error_type=failure.error_type, error_message=failure.message,
+            traceback=failure.traceback, attempts=attempts,
+        )
+        cause = failure.error
+        if cause.__traceback__ is None and cause.__cause__ is None:
+            cause.__cause__ = RemoteTraceback(failure.traceback)
+        error.__cause__ = cause
+        return error
+
+    # --- executor calls ---
+
+    async def _call_isolating(self, values: list[Any]) -> ChunkResult:
+        """Call for a chunk; if the call itself fails (an item or result that cannot be
+        pickled), run the items one by one so the failure lands on its own item."""
+        try:
+            result = await self._call(values)
+        except _ChunkCallError as exc:
+            if len(values) == 1:
+                return self._failed_chunk(exc.error)
+            results = [await self._call_isolating([value]) for value in values]
+            return self._merge(results)
+        self.report.calls += 1
+        self.report.busy_s += result.busy_s
+        by_worker = self.report.by_worker
+        by_worker[result.worker] = by_worker.get(result.worker, 0) + len(values)
+        self.sizer.observe(len(values), result.busy_s)
+        return result
+
+    def _failed_chunk(self, exc: BaseException) -> ChunkResult:
+        collector = Collector(self.stage.op)
+        collector.fail(0, exc)
+        failure = collector.failures[0]
+        if isinstance(exc, _worker.UnpicklableError | WorkerCrashed | ItemTimeout):
+            failure.traceback = f"{failure.error_type}: {failure.message}\n"
+        return collector.result(time.perf_counter())
+
+    @staticmethod
+    def _merge(results: list[ChunkResult]) -> ChunkResult:
+        outputs: list[Any] = []
+        kept: list[int] = []
+        failures: list[Failure] = []
+        for position, result in enumerate(results):
+            outputs.extend(result.outputs)
+            kept.extend([position] * len(result.outputs))
+            failures.extend(
+                Failure(position, f.error, f.error_type, f.message, f.traceback)
+                for f in result.failures
+            )
+        busy = sum(r.busy_s for r in results)
+        return ChunkResult(outputs, kept, failures, busy, results[-1].worker if results else "")
+
+    async def _call(self, values: list[Any]) -> ChunkResult:
+        if self.pool is None:
+            return await self._call_async(values)
+        assert self.call is not None and self.pool.executor is not None
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.pool.executor, _worker.run_chunk, self.call, values)
+        try:
+            if self.stage.timeout is None:
+                return await future
+            with anyio.fail_after(self.stage.timeout):
+                return await future
+        except TimeoutError:
+            if not future.done() or future.cancelled():
+                await self.runner.on_timeout(self)
+                raise _ChunkCallError(
+                    ItemTimeout(f"timed out after {self.stage.timeout:g}s in {self.kind} worker")
+                ) from None
+            raise _ChunkCallError(future.exception() or TimeoutError()) from None
+        except concurrent.futures.process.BrokenProcessPool as exc:
+            raise _ChunkCallError(
+                WorkerCrashed(f"a worker process of {self.pool.name!r} died: {exc}")
+            ) from None
+        except (anyio.get_cancelled_exc_class(), _worker.UnpicklableError):
+            raise
+        except Exception as exc:  # the call itself failed: pickling an argument or a result
+            raise _ChunkCallError(exc) from None
+
+    async def _call_async(self, values: list[Any]) -> ChunkResult:
+        started = time.perf_counter()
+        fn = self.stage.fn
+        has_state = self.stage.setup is not None
+        timeout = self.stage.timeout
+        collector = Collector(self.stage.op)
+        if self.stage.op == "map_batch":
+            try:
+                collector.add_batch(values, await fn(values, self.async_state) if has_state else await fn(values))
+            except Exception as exc:
+                collector.fail_batch(values, exc)
+            return collector.result(started)
+        for position, value in enumerate(values):
+            try:
+                call = fn(value, self.async_state) if has_state else fn(value)
+                if timeout is None:
+                    result = await call
+                else:
+                    with anyio.fail_after(timeout):
+                        result = await call
+                collector.add(position, value, result)
+            except TimeoutError as exc:
+                if timeout is not None:
+                    collector.fail(position, ItemTimeout(f"timed out after {timeout:g}s"))
+                else:
+                    collector.fail(position, exc)
+            except Exception as exc:
+                collector.fail(position, exc)
+        return collector.result(started)
+
+
+class _ChunkCallError(Exception):
+    """A whole executor call failed, not one item inside it."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        super().__init__(str(error))
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+class Runner:
+    """One run of a pipeline: builds the queues and tasks, and owns the pools it starts."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        source: Any,
+        sink: Sink,
+        progress: Callable[[RunReport], Any] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.source = source
+        self.sink = sink
+        self.progress = progress
+        run_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.pools: dict[str, PoolHandle] = {}
+        self.stages: list[StageRun] = []
+        for stage in pipeline.stages:
+            pool = pipeline.pool_for(stage, self.pools)
+            self.stages.append(StageRun(self, stage, pool, f"{run_id}:{stage.name}"))
+        self.report = RunReport(name=pipeline.name, stages=[s.report for s in self.stages])
+        self._dead_letters: MemoryObjectSendStream[dict[str, Any]] | None = None
+        self._stop = anyio.Event()
+
+    # --- hooks the stages call ---
+
+    async def dead_letter(self, record: dict[str, Any]) -> None:
+        """Hand a dead-letter record to the dead-letter writer."""
+        assert self._dead_letters is not None, "dead_letter policy without a dead-letter sink"
+        await self._dead_letters.send(record)
+
+    def check_error_budget(self) -> None:
+        """Abort the run if skipped + dead-lettered items exceed the pipeline's budget."""
+        budget, rate = self.pipeline.max_errors, self.pipeline.max_error_rate
+        if budget is None and rate is None:
+            return
+        errors = sum(s.skipped + s.dead_lettered for s in self.report.stages)
+        seen = max(1, self.report.items_read)
+        if (budget is not None and errors > budget) or (
+            rate is not None and errors >= 10 and errors / seen > rate
+        ):
+            raise ErrorBudgetExceeded(
+                f"{errors} items skipped or dead-lettered out of {seen} read, over the "
+                f"error budget (max_errors={budget}, max_error_rate={rate})"
+            )
+
+    async def on_timeout(self, stage: StageRun) -> None:
+        """An item timed out in a pool: a stuck thread can't be stopped, a process can."""
+        pool = stage.pool
+        if pool is None or not pool.owned:
+            return
+        if pool.kind == "thread":
+            # the stuck thread is abandoned; one more thread keeps the stage's capacity
+            executor = pool.executor
+            if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+                executor._max_workers += 1
+            logger.warning("thread_abandoned", stage=stage.name,
+                           hint="a thread cannot be killed; it runs on until its call returns")
+
+    def request_stop(self) -> None:
+        """Stop pulling the source; items already taken are finished and written."""
+        self._stop.set()
+
+    # --- the run itself ---
+
+    async def run(self) -> RunReport:
+        """Run to the end of the source. Raises PipelineError if the run fails."""
+        report = self.report
+        started = time.perf_counter()
+        logger.info("run_start", pipeline=report.name, stages=[s.name for s in self.stages])
+        ok = False
+        try:
+            await self._start_pools()
+            async with anyio.create_task_group() as outer:
+                if self.progress is not None:
+                    outer.start_soon(self._report_progress)
+                try:
+                    await self._run_tasks()
+                finally:
+                    outer.cancel_scope.cancel()
+            ok = True
+            report.status = "interrupted" if self._stop.is_set() else "ok"
+        except BaseExceptionGroup as group:
+            error = unwrap_group(group)
+            self._fail(report, error)
+            raise error from (error.__cause__ if isinstance(error, PipelineError) else None)
+        except anyio.get_cancelled_exc_class():
+            report.status = "cancelled"
+            raise
+        except BaseException as error:
+            self._fail(report, error)
+            raise
+        finally:
+            report.wall_s = time.perf_counter() - started
+            with anyio.CancelScope(shield=True):
+                await self._shutdown_pools(kill=not ok)
+            self._count_in_flight()
+            logger.info("run_end", pipeline=report.name, status=report.status,
+                        wall_s=round(report.wall_s, 4), items_read=report.items_read,
+                        items_written=report.items_written)
+        return report
+
+    @staticmethod
+    def _fail(report: RunReport, error: BaseException) -> None:
+        report.status = "cancelled" if isinstance(error, anyio.get_cancelled_exc_class()) else "failed"
+        report.error = str(error)
+
+    def _count_in_flight(self) -> None:
+        for stage in self.report.stages:
+            settled = stage.skipped + stage.dead_lettered + stage.failed + stage.filtered_out
+            done = stage.items_out + settled if self._one_to_one(stage.name) else stage.items_in
+            stage.in_flight = max(0, stage.items_in - done)
+
+    def _one_to_one(self, name: str) -> bool:
+        return next(s.stage.op for s in self.stages if s.name == name) in ("map", "filter")
+
+    async def _start_pools(self) -> None:
+        for pool in self.pools.values():
+            await anyio.to_thread.run_sync(pool.start)
+        for stage in self.stages:
+            if stage.pool is not None:
+                stage.report.pool_start_s = stage.pool.start_s
+
+    async def _shutdown_pools(self, *, kill: bool) -> None:
+        for stage in self.stages:
+            if stage.call is not None and stage.pool is not None and not stage.pool.remote:
+                for teardown, state in _worker.thread_teardowns(stage.call.key):
+                    await anyio.to_thread.run_sync(teardown, state)
+        for pool in self.pools.values():
+            if kill and pool.kind == "thread":
+                # threads cannot be killed: don't wait for calls that may never return
+                executor = pool.executor
+                pool.executor = None
+                if executor is not None and pool.owned:
+                    executor.shutdown(wait=False, cancel_futures=True)
+                continue
+            await anyio.to_thread.run_sync(lambda p=pool: p.shutdown(kill=kill))
+
+    async def _report_progress(self) -> None:
+        assert self.progress is not None
+        while True:
+            self.progress(self.report)
+            await anyio.sleep(PROGRESS_INTERVAL_S)
+
+    async def _run_tasks(self) -> None:
+        stages = self.stages
+        pipeline = self.pipeline
+        sends: list[MemoryObjectSendStream[Batch]] = []
+        recvs: list[MemoryObjectReceiveStream[Batch]] = []
+        for stage in stages:
+            send, recv = anyio.create_memory_object_stream[Batch](stage.stage.queue_size)
+            sends.append(send)
+            recvs.append(recv)
+        sink_send, sink_recv = anyio.create_memory_object_stream[Batch](pipeline.sink_queue_size)
+        sends.append(sink_send)
+        recvs.append(sink_recv)
+        async with anyio.create_task_group() as tg:
+            dead_sink = pipeline.dead_letter
+            if dead_sink is not None:
+                dl_send, dl_recv = anyio.create_memory_object_stream[dict[str, Any]](64)
+                self._dead_letters = dl_send
+                tg.start_soon(self._write_dead_letters, dead_sink, dl_recv)
+            first = stages[0].report if stages else None
+            tg.start_soon(self._pump_source, sends[0], first)
+            for position, stage in enumerate(stages):
+                tg.start_soon(stage.run, recvs[position], sends[position + 1])
+            await self._drain_to_sink(recvs[-1])
+            if self._dead_letters is not None:
+                await self._dead_letters.aclose()
+
+    # --- source ---
+
+    async def _pump_source(self, send: MemoryObjectSendStream[Batch], first: StageReport | None) -> None:
+        source = self.source
+        try:
+            async with send:
+                if isinstance(source, AsyncIterable):
+                    await self._pump_async(source, send, first)
+                else:
+                    await self._pump_sync(source, send, first)
+        except (PipelineError, anyio.get_cancelled_exc_class()):
+            raise
+        except anyio.BrokenResourceError:
+            return  # the first stage has gone: the run is ending
+        except BaseException as exc:
+            error = _leaf(exc)
+            raise _error_of("source", self.report.items_read, "…", error) from error
+
+    def _max_source_batch(self) -> int:
+        # a fixed batch on the first stage also bounds the source's batches, so that
+        # `batch: 1, queue_size: N` bounds the items taken ahead of the stage to about N
+        if self.stages and self.stages[0].sizer.fixed is not None:
+            return self.stages[0].sizer.fixed
+        return SOURCE_MAX_BATCH
+
+    async def _deliver(
+        self, send: MemoryObjectSendStream[Batch], values: list[Any], first: StageReport | None
+    ) -> None:
+        index = self.report.items_read
+        await _send(send, Batch(range(index, index + len(values)), values), None)
+        self.report.items_read += len(values)
+        if first is not None:
+            used = send.statistics().current_buffer_used
+            first.queue_high_water = max(first.queue_high_water, used)
+
+    async def _pump_sync(
+        self, source: Iterable[Any], send: MemoryObjectSendStream[Batch], first: StageReport | None
+    ) -> None:
+        in_memory = isinstance(source, range | list | tuple)
+        iterator = iter(source)
+        limit = self._max_source_batch()
+        size = 1
+        try:
+            while not self._stop.is_set():
+                if in_memory:
+                    values = list(itertools.islice(iterator, size))
+                else:
+                    # a generator may block (files, sockets): pull it in a worker thread
+                    values = await anyio.to_thread.run_sync(
+                        _pull, iterator, size, FLUSH_INTERVAL_S, abandon_on_cancel=True
+                    )
+                if not values:
+                    return
+                await self._deliver(send, values, first)
+                size = min(size * 2, limit)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except ValueError:  # still running in an abandoned thread
+                    pass
+
+    async def _pump_async(
+        self, source: AsyncIterable[Any], send: MemoryObjectSendStream[Batch], first: StageReport | None
+    ) -> None:
+        limit = self._max_source_batch()
+        items_send, items_recv = anyio.create_memory_object_stream[Any](limit)
+
+        async def pull() -> None:
+            iterator = aiter(source)
+            try:
+                async with items_send:
+                    async for value in iterator:
+                        await items_send.send(value)
+                        if self._stop.is_set():
+                            return
+            finally:
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    with anyio.CancelScope(shield=True):
+                        await aclose()
+
+        async with anyio.create_task_group() as tg, items_recv:
+            tg.start_soon(pull)
+            size = 1
+            ended = False
+            while not ended:
+                try:
+                    values = [await items_recv.receive()]
+                except anyio.EndOfStream:
+                    return
+                deadline = anyio.current_time() + FLUSH_INTERVAL_S
+                while len(values) < size:
+                    try:
+                        values.append(items_recv.receive_nowait())
+                        continue
+                    except anyio.EndOfStream:
+                        ended = True
+                        break
+                    except anyio.WouldBlock:
+                        pass
+                    remaining = deadline - anyio.current_time()
+                    if remaining <= 0:
+                        break
+                    with anyio.move_on_after(remaining):
+                        try:
+                            values.append(await items_recv.receive())
+                        except anyio.EndOfStream:
+                            ended = True
+                            break
+                await self._deliver(send, values, first)
+                size = min(size * 2, limit)
+
+    # --- sink ---
+
+    async def _drain_to_sink(self, recv: MemoryObjectReceiveStream[Batch]) -> None:
+        sink = self.sink
+        report = self.report
+        opened = False
+        try:
+            await sink.open()
+            opened = True
+            async with recv:
+                async for batch in recv:
+                    await sink.write(batch.values)
+                    report.items_written += len(batch.values)
+        except (PipelineError, anyio.get_cancelled_exc_class()):
+            raise
+        except Exception as exc:
+            raise _error_of("sink", None, None, exc) from exc
+        finally:
+            if opened:
+                with anyio.CancelScope(shield=True):
+                    await sink.close()
+
+    async def _write_dead_letters(
+        self, sink: Sink, recv: MemoryObjectReceiveStream[dict[str, Any]]
+    ) -> None:
+        await sink.open()
+        try:
+            async with recv:
+                async for record in recv:
+                    await sink.write([record])
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sink.close()

@@ -1,0 +1,64 @@
+"""Built-in sources: files read lazily, one item at a time, so backpressure reaches the disk."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ._errors import PipeflowError
+
+__all__ = ["csv_rows", "jsonl_records", "text_lines"]
+
+
+class SourceFormatError(PipeflowError, ValueError):
+    """A line of a source file cannot be read (bad JSON, for instance)."""
+
+
+def text_lines(path: str | Path, *, strip: bool = True, skip_blank: bool = True) -> Iterator[str]:
+    """Yield the lines of a text file.
+
+    Args:
+        path: The file.
+        strip: Remove the line ending and surrounding whitespace.
+        skip_blank: Leave out empty lines.
+    """
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            text = line.strip() if strip else line.rstrip("\n")
+            if skip_blank and not text:
+                continue
+            yield text
+
+
+def jsonl_records(path: str | Path) -> Iterator[Any]:
+    """Yield one decoded value per non-blank line of a JSON-lines file.
+
+    Raises:
+        SourceFormatError: A line is not valid JSON; the message names file and line.
+    """
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceFormatError(f"{path}:{number}:{exc.colno}: {exc.msg}") from None
+
+
+def csv_rows(path: str | Path, *, header: bool = True, delimiter: str = ",") -> Iterator[Any]:
+    """Yield the rows of a CSV file: dicts keyed by the header row, or lists without one.
+
+    Args:
+        path: The file.
+        header: Whether the first row names the columns.
+        delimiter: The field separator.
+    """
+    with open(path, encoding="utf-8", newline="") as file:
+        if header:
+            yield from csv.DictReader(file, delimiter=delimiter)
+        else:
+            yield from csv.reader(file, delimiter=delimiter)

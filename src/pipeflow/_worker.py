@@ -1,0 +1,247 @@
+"""What runs inside a worker thread or process: one call applies a stage to a chunk.
+
+This module is imported by every process worker, so it imports nothing heavy: no anyio,
+no structlog. A chunk is applied item by item and each item's outcome is kept, so one
+failing item never fails its chunk-mates.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+__all__ = ["ChunkResult", "Failure", "StageCall", "init_process_worker", "run_chunk"]
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """How a worker finds the stage's callable: by object (threads) or pickled (processes).
+
+    `key` is unique per stage and run, so a worker loads the callable and runs `setup`
+    once, however many chunks it is given.
+    """
+
+    key: str
+    fn: Callable[..., Any] | bytes
+    op: str
+    setup: Callable[[], Any] | bytes | None = None
+    teardown: Callable[[Any], Any] | bytes | None = None
+
+
+@dataclass
+class Failure:
+    """One item's exception, as it travels back from the worker."""
+
+    position: int
+    error: BaseException
+    error_type: str
+    message: str
+    traceback: str
+
+
+@dataclass
+class ChunkResult:
+    """What a worker returns for a chunk.
+
+    `kept` maps each output to the position of its input in the chunk; None means output
+    i comes from input i (a map or map_batch with no failure).
+    """
+
+    outputs: list[Any]
+    kept: list[int] | None
+    failures: list[Failure]
+    busy_s: float
+    worker: str
+
+
+class UnpicklableError(Exception):
+    """Stands in for an exception that cannot cross a process boundary."""
+
+
+_loaded: dict[str, tuple[Callable[..., Any], Any, bool]] = {}
+_loaded_lock = threading.Lock()
+_thread_loaded = threading.local()
+_in_process_worker = False
+
+
+def init_process_worker(sys_path: list[str]) -> None:
+    """Initializer of every pipeflow process worker: the parent's import path, first."""
+    global _in_process_worker
+    _in_process_worker = True
+    for entry in reversed(sys_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
+def _load(obj: Any) -> Any:
+    return cloudpickle.loads(obj) if isinstance(obj, bytes) else obj
+
+
+def _teardown_at_exit(teardown: Callable[[Any], Any], state: Any) -> None:
+    import multiprocessing.util
+
+    # Runs when the worker process exits normally (after the pool's shutdown sentinel).
+    multiprocessing.util.Finalize(None, teardown, args=(state,), exitpriority=10)
+
+
+def _stage_fn(call: StageCall) -> tuple[Callable[..., Any], Any, bool]:
+    """The callable, its per-worker state and whether it takes state, loaded once."""
+    cache: dict[str, tuple[Callable[..., Any], Any, bool]]
+    if _in_process_worker:
+        cache = _loaded
+    else:
+        cache = getattr(_thread_loaded, "cache", None) or {}
+        _thread_loaded.cache = cache
+    entry = cache.get(call.key)
+    if entry is None:
+        fn = _load(call.fn)
+        has_state = call.setup is not None
+        state = _load(call.setup)() if has_state else None
+        if has_state and call.teardown is not None:
+            teardown = _load(call.teardown)
+            if _in_process_worker:
+                _teardown_at_exit(teardown, state)
+            else:
+                _thread_states.append((teardown, state, call.key))
+        entry = (fn, state, has_state)
+        cache[call.key] = entry
+    return entry
+
+
+# Thread workers' states, torn down by the run that created them (see thread_teardowns).
+_thread_states: list[tuple[Callable[[Any], Any], Any, str]] = []
+
+
+def thread_teardowns(key: str) -> list[tuple[Callable[[Any], Any], Any]]:
+    """Remove and return the (teardown, state) pairs that thread workers made for `key`."""
+    with _loaded_lock:
+        mine = [(t, s) for t, s, k in _thread_states if k == key]
+        _thread_states[:] = [e for e in _thread_states if e[2] != key]
+    return mine
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling both ways, else a stand-in with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return UnpicklableError(f"{type(exc).__qualname__}: {exc}")
+    return exc
+
+
+def _failure(position: int, exc: BaseException) -> Failure:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    error = exc
+    if _in_process_worker:
+        exc.__traceback__ = None
+        error = _portable(exc)
+    return Failure(position, error, type(exc).__qualname__, str(exc), tb)
+
+
+def _worker_name() -> str:
+    if _in_process_worker:
+        return f"pid {os.getpid()}"
+    return threading.current_thread().name
+
+
+class Collector:
+    """Gathers the outcomes of one chunk, item by item, whatever the stage's op."""
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+        self.outputs: list[Any] = []
+        self.kept: list[int] | None = None if op in ("map", "map_batch") else []
+        self.failures: list[Failure] = []
+
+    def add(self, position: int, value: Any, result: Any) -> None:
+        """Record what the callable returned for the item at `position`."""
+        op = self.op
+        if op == "map":
+            self.outputs.append(result)
+            if self.kept is not None:
+                self.kept.append(position)
+        elif op == "filter":
+            if result:
+                self.outputs.append(value)
+                self.kept.append(position)  # type: ignore[union-attr]
+        else:  # flat_map: iterating the result may raise, before anything is recorded
+            produced = list(result)
+            self.outputs.extend(produced)
+            self.kept.extend([position] * len(produced))  # type: ignore[union-attr]
+
+    def fail(self, position: int, exc: BaseException) -> None:
+        """Record the exception the item at `position` raised."""
+        if self.kept is None:
+            self.kept = list(range(len(self.outputs)))
+        self.failures.append(_failure(position, exc))
+
+    def add_batch(self, values: list[Any], results: Any) -> None:
+        """Record what a map_batch callable returned for the whole chunk."""
+        self.outputs = list(results)
+        if len(self.outputs) != len(values):
+            self.kept = [0] * len(self.outputs)
+
+    def fail_batch(self, values: list[Any], exc: BaseException) -> None:
+        """Record a map_batch callable's exception against every item of the chunk."""
+        self.outputs, self.kept = [], []
+        self.failures = [_failure(position, exc) for position in range(len(values))]
+
+    def result(self, started: float) -> ChunkResult:
+        """The chunk's outcome, with the time since `started` as its busy time."""
+        busy = time.perf_counter() - started
+        return ChunkResult(self.outputs, self.kept, self.failures, busy, _worker_name())
+
+
+def run_chunk(call: StageCall, values: list[Any]) -> ChunkResult:
+    """Apply the stage's callable to every value of a chunk, keeping each item's outcome."""
+    started = time.perf_counter()
+    fn, state, has_state = _stage_fn(call)
+    if has_state:
+        fn = _with_state(fn, state)
+    collector = Collector(call.op)
+    if call.op == "map_batch":
+        try:
+            collector.add_batch(values, fn(values))
+        except Exception as exc:
+            collector.fail_batch(values, exc)
+    elif call.op == "map":
+        # the hot loop of a trivial map: no method call per item
+        outputs = collector.outputs
+        append = outputs.append
+        for position, value in enumerate(values):
+            try:
+                append(fn(value))
+            except Exception as exc:
+                collector.fail(position, exc)
+                kept = collector.kept
+                assert kept is not None
+                for later, value in enumerate(values[position + 1 :], position + 1):
+                    try:
+                        append(fn(value))
+                        kept.append(later)
+                    except Exception as exc:
+                        collector.fail(later, exc)
+                break
+    else:
+        for position, value in enumerate(values):
+            try:
+                collector.add(position, value, fn(value))
+            except Exception as exc:
+                collector.fail(position, exc)
+    return collector.result(started)
+
+
+def _with_state(fn: Callable[..., Any], state: Any) -> Callable[[Any], Any]:
+    def call(value: Any) -> Any:
+        return fn(value, state)
+
+    return call
