@@ -1,14 +1,14 @@
 """pipeflow's exceptions, one rooted tree.
 
-    PipeflowError
-    ├── ConfigError (also ValueError)  a config or a Stage/Pipeline argument is wrong
-    ├── PipelineError                  a run failed: names the stage and the item
-    │     └── raised `from` the original exception, whose own `__cause__` is a
-    │         RemoteTraceback carrying the worker's traceback text
-    ├── ItemError                      what went wrong with one item (kept per item)
-    │     ├── WorkerCrashed            a process worker died while it held the item
-    │     └── ItemTimeout (also TimeoutError)  the item ran past its stage's `timeout`
-    └── ErrorBudgetExceeded            too many items were skipped or dead-lettered
+PipeflowError
+├── ConfigError (also ValueError)  a config or a Stage/Pipeline argument is wrong
+├── PipelineError                  a run failed: names the stage and the item
+│     └── raised `from` the original exception, whose own `__cause__` is a
+│         RemoteTraceback carrying the worker's traceback text
+├── ItemError                      what went wrong with one item (kept per item)
+│     ├── WorkerCrashed            a process worker died while it held the item
+│     └── ItemTimeout (also TimeoutError)  the item ran past its stage's `timeout`
+└── ErrorBudgetExceeded            too many items were skipped or dead-lettered
 """
 
 from __future__ import annotations

@@ -113,7 +113,11 @@ class Pipeline:
         chosen = self.source if source is None else source
         if chosen is None:
             raise ConfigError("no source: pass one to Pipeline(source=...) or to run()/stream()")
-        if callable(chosen) and not hasattr(chosen, "__iter__") and not hasattr(chosen, "__aiter__"):
+        if (
+            callable(chosen)
+            and not hasattr(chosen, "__iter__")
+            and not hasattr(chosen, "__aiter__")
+        ):
             chosen = chosen()
         return chosen
 

@@ -9,6 +9,7 @@ passes in is used as it is and never shut down.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -52,6 +53,7 @@ class PoolHandle:
         self.executor: concurrent.futures.Executor | None = executor
         self.start_s = 0.0
         self.rebuilds = 0
+        self.kind: str
         if executor is None:
             assert spec is not None
             self.kind = spec.kind
@@ -59,7 +61,7 @@ class PoolHandle:
         elif isinstance(executor, concurrent.futures.ThreadPoolExecutor):
             self.kind, self.workers = "thread", executor._max_workers
         elif isinstance(executor, concurrent.futures.ProcessPoolExecutor):
-            self.kind, self.workers = "process", executor._max_workers
+            self.kind, self.workers = "process", _guess_workers(executor)
         else:  # a Dask client's executor, for one: it pickles what it sends
             self.kind, self.workers = "executor", _guess_workers(executor)
 
@@ -113,10 +115,8 @@ class PoolHandle:
             return
         if kill and self.kind == "process":
             for pid in self.pids_of(executor):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         executor.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod

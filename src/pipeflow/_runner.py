@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import functools
 import itertools
 import math
 import os
@@ -24,6 +26,7 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
@@ -135,6 +138,7 @@ def _leaf(exc: BaseException) -> BaseException:
 def unwrap_group(group: BaseExceptionGroup[Any]) -> BaseException:
     """What a failed task group means for the user: its PipelineError if it has one,
     else its first exception that is not a cancellation."""
+    chosen: BaseExceptionGroup[Any] | None
     chosen, _ = group.split(PipelineError)
     if chosen is None:
         cancelled = anyio.get_cancelled_exc_class()
@@ -171,8 +175,10 @@ class StageRun:
         self.pool = pool
         self.kind = pool.kind if pool is not None else "async"
         self.workers = pool.workers if pool is not None else stage.workers
-        fixed = 1 if stage.timeout is not None else (
-            None if stage.batch == "auto" else int(stage.batch)
+        fixed = (
+            1
+            if stage.timeout is not None
+            else (None if stage.batch == "auto" else int(stage.batch))
         )
         self.sizer = _ChunkSizer(fixed, self.kind)
         # a process pool is kept busy by one call queued behind each running one
@@ -211,7 +217,9 @@ class StageRun:
 
     # --- the stage's main loop ---
 
-    async def run(self, recv: MemoryObjectReceiveStream[Batch], out: MemoryObjectSendStream[Batch]) -> None:
+    async def run(
+        self, recv: MemoryObjectReceiveStream[Batch], out: MemoryObjectSendStream[Batch]
+    ) -> None:
         """Take batches from `recv` until it ends, send results to `out`, then close it."""
         stage = self.stage
         logger.debug("stage_start", stage=self.name, kind=self.kind, workers=self.workers)
@@ -231,11 +239,18 @@ class StageRun:
                         result = stage.teardown(self.async_state)
                         if isinstance(result, Awaitable):
                             await result
-        logger.debug("stage_end", stage=self.name, items_in=self.report.items_in,
-                     items_out=self.report.items_out)
+        logger.debug(
+            "stage_end",
+            stage=self.name,
+            items_in=self.report.items_in,
+            items_out=self.report.items_out,
+        )
 
     async def _dispatch_ordered(
-        self, tg: TaskGroup, recv: MemoryObjectReceiveStream[Batch], out: MemoryObjectSendStream[Batch]
+        self,
+        tg: TaskGroup,
+        recv: MemoryObjectReceiveStream[Batch],
+        out: MemoryObjectSendStream[Batch],
     ) -> None:
         # Pending slots are bounded: a slow head chunk holds back at most this many others.
         slots_send, slots_recv = anyio.create_memory_object_stream[_Slot](self.in_flight * 2)
@@ -265,7 +280,10 @@ class StageRun:
                     await _send(out, output, self.report)
 
     async def _dispatch_unordered(
-        self, tg: TaskGroup, recv: MemoryObjectReceiveStream[Batch], out: MemoryObjectSendStream[Batch]
+        self,
+        tg: TaskGroup,
+        recv: MemoryObjectReceiveStream[Batch],
+        out: MemoryObjectSendStream[Batch],
     ) -> None:
         async for chunk in self._chunks(recv):
             await self.limiter.acquire()
@@ -339,9 +357,13 @@ class StageRun:
                 break
             self.report.retries += len(retryable)
             assert self.retry is not None
-            logger.info("item_retry", stage=self.name, attempt=attempt + 1,
-                        items=[chunk.indices[f.position] for f in retryable],
-                        error=retryable[0].error_type)
+            logger.info(
+                "item_retry",
+                stage=self.name,
+                attempt=attempt + 1,
+                items=[chunk.indices[f.position] for f in retryable],
+                error=retryable[0].error_type,
+            )
             await anyio.sleep(self.retry.delay(attempt, self.random.random))
             attempt += 1
             positions = [f.position for f in retryable]
@@ -400,9 +422,15 @@ class StageRun:
         elif isinstance(failure.error, ItemTimeout):
             report.timed_out += 1
         logger.warning(
-            "item_error", stage=self.name, index=index, item=short_repr(value),
-            error=failure.error_type, message=failure.message, attempts=attempts,
-            worker=worker, on_error=policy,
+            "item_error",
+            stage=self.name,
+            index=index,
+            item=short_repr(value),
+            error=failure.error_type,
+            message=failure.message,
+            attempts=attempts,
+            worker=worker,
+            on_error=policy,
         )
         if policy == "fail":
             report.failed += 1
@@ -412,18 +440,28 @@ class StageRun:
         else:
             report.dead_lettered += 1
             record = {
-                "stage": self.name, "index": index, "item": value,
-                "error": failure.error_type, "message": failure.message,
-                "traceback": failure.traceback, "attempts": attempts,
+                "stage": self.name,
+                "index": index,
+                "item": value,
+                "error": failure.error_type,
+                "message": failure.message,
+                "traceback": failure.traceback,
+                "attempts": attempts,
             }
             await self.runner.dead_letter(record)
         self.runner.check_error_budget()
 
-    def _pipeline_error(self, index: int, value: Any, failure: Failure, attempts: int) -> PipelineError:
+    def _pipeline_error(
+        self, index: int, value: Any, failure: Failure, attempts: int
+    ) -> PipelineError:
         error = PipelineError(
-            stage=self.name, index=index, item_repr=short_repr(value),
-            error_type=failure.error_type, error_message=failure.message,
-            traceback=failure.traceback, attempts=attempts,
+            stage=self.name,
+            index=index,
+            item_repr=short_repr(value),
+            error_type=failure.error_type,
+            error_message=failure.message,
+            traceback=failure.traceback,
+            attempts=attempts,
         )
         cause = failure.error
         if cause.__traceback__ is None and cause.__cause__ is None:
@@ -491,7 +529,7 @@ class StageRun:
                     ItemTimeout(f"timed out after {self.stage.timeout:g}s in {self.kind} worker")
                 ) from None
             raise _ChunkCallError(future.exception() or TimeoutError()) from None
-        except concurrent.futures.process.BrokenProcessPool as exc:
+        except BrokenProcessPool as exc:
             raise _ChunkCallError(
                 WorkerCrashed(f"a worker process of {self.pool.name!r} died: {exc}")
             ) from None
@@ -508,7 +546,9 @@ class StageRun:
         collector = Collector(self.stage.op)
         if self.stage.op == "map_batch":
             try:
-                collector.add_batch(values, await fn(values, self.async_state) if has_state else await fn(values))
+                collector.add_batch(
+                    values, await fn(values, self.async_state) if has_state else await fn(values)
+                )
             except Exception as exc:
                 collector.fail_batch(values, exc)
             return collector.result(started)
@@ -598,8 +638,11 @@ class Runner:
             executor = pool.executor
             if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
                 executor._max_workers += 1
-            logger.warning("thread_abandoned", stage=stage.name,
-                           hint="a thread cannot be killed; it runs on until its call returns")
+            logger.warning(
+                "thread_abandoned",
+                stage=stage.name,
+                hint="a thread cannot be killed; it runs on until its call returns",
+            )
 
     def request_stop(self) -> None:
         """Stop pulling the source; items already taken are finished and written."""
@@ -639,14 +682,21 @@ class Runner:
             with anyio.CancelScope(shield=True):
                 await self._shutdown_pools(kill=not ok)
             self._count_in_flight()
-            logger.info("run_end", pipeline=report.name, status=report.status,
-                        wall_s=round(report.wall_s, 4), items_read=report.items_read,
-                        items_written=report.items_written)
+            logger.info(
+                "run_end",
+                pipeline=report.name,
+                status=report.status,
+                wall_s=round(report.wall_s, 4),
+                items_read=report.items_read,
+                items_written=report.items_written,
+            )
         return report
 
     @staticmethod
     def _fail(report: RunReport, error: BaseException) -> None:
-        report.status = "cancelled" if isinstance(error, anyio.get_cancelled_exc_class()) else "failed"
+        report.status = (
+            "cancelled" if isinstance(error, anyio.get_cancelled_exc_class()) else "failed"
+        )
         report.error = str(error)
 
     def _count_in_flight(self) -> None:
@@ -678,7 +728,7 @@ class Runner:
                 if executor is not None and pool.owned:
                     executor.shutdown(wait=False, cancel_futures=True)
                 continue
-            await anyio.to_thread.run_sync(lambda p=pool: p.shutdown(kill=kill))
+            await anyio.to_thread.run_sync(functools.partial(pool.shutdown, kill=kill))
 
     async def _report_progress(self) -> None:
         assert self.progress is not None
@@ -714,7 +764,9 @@ class Runner:
 
     # --- source ---
 
-    async def _pump_source(self, send: MemoryObjectSendStream[Batch], first: StageReport | None) -> None:
+    async def _pump_source(
+        self, send: MemoryObjectSendStream[Batch], first: StageReport | None
+    ) -> None:
         source = self.source
         try:
             async with send:
@@ -770,13 +822,14 @@ class Runner:
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
-                try:
+                with contextlib.suppress(ValueError):  # still running in an abandoned thread
                     close()
-                except ValueError:  # still running in an abandoned thread
-                    pass
 
     async def _pump_async(
-        self, source: AsyncIterable[Any], send: MemoryObjectSendStream[Batch], first: StageReport | None
+        self,
+        source: AsyncIterable[Any],
+        send: MemoryObjectSendStream[Batch],
+        first: StageReport | None,
     ) -> None:
         limit = self._max_source_batch()
         items_send, items_recv = anyio.create_memory_object_stream[Any](limit)

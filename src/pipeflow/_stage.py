@@ -48,7 +48,7 @@ class Retry:
 
     def delay(self, attempt: int, rand: Callable[[], float]) -> float:
         """The wait before try number `attempt + 1`, after `attempt` failed tries."""
-        wait = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
+        wait = min(self.backoff * 2.0 ** (attempt - 1), self.max_backoff)
         return wait * (0.5 + rand() / 2) if self.jitter else wait
 
 

@@ -1,0 +1,83 @@
+"""Stage functions for the tests: importable, so process workers can load them by name."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from typing import Any
+
+
+def square(n: int) -> int:
+    return n * n
+
+
+def factorial(n: int) -> tuple[int, int]:
+    return n, math.factorial(n)
+
+
+def fail_on_3(n: int) -> int:
+    if n == 3:
+        return n // 0
+    return n
+
+
+def pid_of(_: Any) -> int:
+    return os.getpid()
+
+
+def burn(n: int) -> int:
+    """About 20 ms of pure-Python work."""
+    total = 0
+    deadline = time.perf_counter() + 0.02
+    while time.perf_counter() < deadline:
+        total += 1
+    return n
+
+
+def is_even(n: int) -> bool:
+    return n % 2 == 0
+
+
+def repeat(n: int) -> list[int]:
+    return [n] * (n % 3)
+
+
+def double_all(values: list[int]) -> list[int]:
+    return [v * 2 for v in values]
+
+
+def add_state(n: int, state: dict[str, Any]) -> tuple[int, int]:
+    return n + state["offset"], state["worker"]
+
+
+def make_state() -> dict[str, Any]:
+    return {"offset": 100, "worker": os.getpid() * 1000 + threading.get_ident() % 1000}
+
+
+def slow_identity(n: int) -> int:
+    time.sleep(0.001)
+    return n
+
+
+class FlakyOnce:
+    """Fails the first time it sees each item in `bad`, then succeeds (thread stages)."""
+
+    def __init__(self, bad: set[int]) -> None:
+        self.bad = set(bad)
+        self.seen: set[int] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, n: int) -> int:
+        with self.lock:
+            first = n in self.bad and n not in self.seen
+            self.seen.add(n)
+        if first:
+            raise ConnectionError(f"flaky {n}")
+        return n
+
+
+class Unpicklable(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(a)

@@ -1,0 +1,257 @@
+"""The engine through the Python API: results, order, ops, kinds, pools, setup/teardown."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import fns
+import pipeflow
+from pipeflow import Pipeline, Pool, Stage
+
+pytestmark = pytest.mark.anyio
+
+SQUARES = [1, 4, 9, 16, 25, 36, 49, 64, 81, 100]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 8])
+async def test_squares_on_a_process_pool_in_order(workers: int) -> None:
+    pipeline = Pipeline([Stage(fns.square, kind="process", workers=workers)])
+    assert await pipeline.collect(range(1, 11)) == SQUARES
+
+
+async def test_factorials_on_a_thread_pool_match_the_notebook() -> None:
+    pipeline = Pipeline([Stage(fns.factorial, kind="thread", workers=5)])
+    results = await pipeline.collect(range(1, 11))
+    assert results == [(n, math.factorial(n)) for n in range(1, 11)]
+    assert dict(results)[10] == 3628800
+
+
+async def test_three_kinds_mixed_over_10000_items_keep_order() -> None:
+    async def tag(n: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return n
+
+    pipeline = Pipeline(
+        [
+            Stage(tag, kind="async", workers=16),
+            Stage(fns.square, kind="process", workers=2),
+            Stage(str, kind="thread", workers=4),
+        ]
+    )
+    report_holder: list[pipeflow.RunReport] = []
+    results = await pipeline.collect(range(10_000))
+    assert results == [str(n * n) for n in range(10_000)]
+    report = await pipeline.run(range(10_000), progress=report_holder.append)
+    assert [s.items_out for s in report.stages] == [10_000, 10_000, 10_000]
+    assert report.items_written == 10_000 and report.status == "ok"
+
+
+async def test_unordered_stage_delivers_every_item() -> None:
+    pipeline = Pipeline([Stage(fns.slow_identity, kind="thread", workers=8, ordered=False)])
+    results = await pipeline.collect(range(500))
+    assert sorted(results) == list(range(500))
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+async def test_filter_flat_map_and_map_batch(kind: str) -> None:
+    pipeline = Pipeline(
+        [
+            Stage(fns.is_even, kind=kind, op="filter"),  # type: ignore[arg-type]
+            Stage(fns.repeat, kind=kind, op="flat_map"),  # type: ignore[arg-type]
+            Stage(fns.double_all, kind=kind, op="map_batch", batch=7),  # type: ignore[arg-type]
+        ]
+    )
+    expected = [2 * m for n in range(100) if n % 2 == 0 for m in [n] * (n % 3)]
+    assert await pipeline.collect(range(100)) == expected
+    report = await pipeline.run(range(100))
+    assert report.stage("is_even").filtered_out == 50
+    assert report.stage("is_even").items_out == 50
+
+
+async def test_async_stage_with_sync_function_is_refused_with_a_hint() -> None:
+    with pytest.raises(pipeflow.ConfigError, match="would block the event loop.*kind: thread"):
+        Stage(fns.square, kind="async")
+
+
+async def test_coroutine_function_in_a_thread_stage_is_refused() -> None:
+    async def fetch(n: int) -> int:
+        return n
+
+    with pytest.raises(pipeflow.ConfigError, match="use kind: async"):
+        Stage(fetch, kind="thread")
+
+
+async def test_lambda_and_local_function_run_in_a_process_stage() -> None:
+    offset = 7
+
+    def add_offset(n: int) -> int:
+        return n + offset
+
+    pipeline = Pipeline(
+        [
+            Stage(lambda n: n * 3, name="triple", kind="process", workers=2),
+            Stage(add_offset, kind="process", workers=2),
+        ]
+    )
+    assert await pipeline.collect(range(5)) == [n * 3 + 7 for n in range(5)]
+
+
+async def test_unpicklable_process_callable_is_a_clear_error() -> None:
+    import threading
+
+    lock = threading.Lock()
+
+    def uses_lock(n: int) -> int:
+        with lock:
+            return n
+
+    pipeline = Pipeline([Stage(uses_lock, kind="process")])
+    with pytest.raises(pipeflow.ConfigError, match="uses_lock.*cannot be pickled"):
+        await pipeline.collect(range(3))
+
+
+async def test_a_lent_executor_is_used_and_never_shut_down() -> None:
+    with concurrent.futures.ThreadPoolExecutor(3) as executor:
+        pipeline = Pipeline([Stage(fns.square, executor=executor)])
+        assert await pipeline.collect(range(1, 11)) == SQUARES
+        assert executor.submit(fns.square, 3).result() == 9  # still usable
+
+
+async def test_a_lent_process_pool_is_used_and_never_shut_down() -> None:
+    with concurrent.futures.ProcessPoolExecutor(2) as executor:
+        pipeline = Pipeline([Stage(fns.square, executor=executor)])
+        report = await pipeline.run(range(1, 11))
+        assert report.stages[0].kind == "process"
+        assert executor.submit(fns.square, 4).result() == 16
+
+
+async def test_stages_share_a_named_pool() -> None:
+    pipeline = Pipeline(
+        [
+            Stage(fns.pid_of, name="first", executor="cpu"),
+            Stage(fns.square, name="second", executor="cpu"),
+        ],
+        executors={"cpu": Pool("process", workers=2)},
+    )
+    report = await pipeline.run(range(50))
+    first, second = report.stages
+    assert first.kind == second.kind == "process"
+    workers_first = set(first.by_worker)
+    assert workers_first and set(second.by_worker) <= workers_first | set(second.by_worker)
+    assert len(workers_first | set(second.by_worker)) <= 2
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+async def test_setup_runs_once_per_worker_and_passes_state(kind: str) -> None:
+    pipeline = Pipeline(
+        [Stage(fns.add_state, kind=kind, workers=2, setup=fns.make_state, batch=1)]  # type: ignore[arg-type]
+    )
+    results = await pipeline.collect(range(40))
+    assert [value for value, _ in results] == [n + 100 for n in range(40)]
+    assert 1 <= len({worker for _, worker in results}) <= 2
+
+
+async def test_async_setup_and_teardown() -> None:
+    events: list[str] = []
+
+    async def open_session() -> dict[str, int]:
+        events.append("setup")
+        return {"offset": 1}
+
+    async def close_session(state: dict[str, int]) -> None:
+        events.append("teardown")
+
+    async def add(n: int, state: dict[str, int]) -> int:
+        return n + state["offset"]
+
+    pipeline = Pipeline(
+        [Stage(add, kind="async", workers=4, setup=open_session, teardown=close_session)]
+    )
+    assert await pipeline.collect(range(5)) == [1, 2, 3, 4, 5]
+    assert events == ["setup", "teardown"]
+
+
+async def test_thread_teardown_runs_for_each_worker_state() -> None:
+    closed: list[int] = []
+    lock = anyio.Lock()  # noqa: F841 - teardowns run one at a time from the run's end
+
+    def setup() -> list[int]:
+        return [0]
+
+    def use(n: int, state: list[int]) -> int:
+        state[0] += 1
+        return n
+
+    def teardown(state: list[int]) -> None:
+        closed.append(state[0])
+
+    pipeline = Pipeline([Stage(use, kind="thread", workers=3, setup=setup, teardown=teardown)])
+    await pipeline.run(range(100))
+    assert 1 <= len(closed) <= 3
+    assert sum(closed) == 100
+
+
+async def test_report_accounts_for_every_item() -> None:
+    pipeline = Pipeline([Stage(fns.square, kind="process", workers=2)])
+    report = await pipeline.run(range(1000))
+    stage = report.stages[0]
+    assert report.items_read == 1000
+    assert stage.items_in == stage.items_out == 1000
+    assert stage.busy_s > 0 and stage.calls >= 1
+    assert sum(stage.by_worker.values()) == 1000
+    data = report.to_dict()
+    for key in (
+        "name",
+        "kind",
+        "workers",
+        "items_in",
+        "items_out",
+        "errors",
+        "retries",
+        "skipped",
+        "dead_lettered",
+        "busy_s",
+    ):
+        assert key in data["stages"][0]
+    assert data["status"] == "ok" and data["wall_s"] > 0
+
+
+async def test_async_iterable_source_and_slow_source_still_streams() -> None:
+    first_seen = anyio.Event()
+
+    async def slow_source():  # type: ignore[no-untyped-def]
+        yield 1
+        await first_seen.wait()  # the first result must arrive before the source goes on
+        yield 2
+
+    async def ident(n: int) -> int:
+        return n
+
+    pipeline = Pipeline([Stage(ident, kind="async")])
+    seen = []
+    with anyio.fail_after(10):
+        async with pipeline.stream(slow_source()) as results:
+            async for value in results:
+                seen.append(value)
+                first_seen.set()
+    assert seen == [1, 2]
+
+
+def test_run_sync_runs_without_a_loop() -> None:
+    report = Pipeline([Stage(fns.square, kind="thread")]).run_sync(range(10))
+    assert report.status == "ok" and report.items_written == 10
+
+
+def test_duplicate_stage_names_are_refused() -> None:
+    with pytest.raises(pipeflow.ConfigError, match="duplicate stage name"):
+        Pipeline([Stage(fns.square), Stage(fns.square)])
+
+
+def test_dead_letter_policy_needs_a_dead_letter_sink() -> None:
+    with pytest.raises(pipeflow.ConfigError, match="no dead_letter sink"):
+        Pipeline([Stage(fns.square, on_error="dead_letter")])
