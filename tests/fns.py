@@ -81,3 +81,43 @@ class FlakyOnce:
 class Unpicklable(Exception):
     def __init__(self, a: int, b: int) -> None:
         super().__init__(a)
+
+
+def exit_on_13(n: int) -> int:
+    if n == 13:
+        os._exit(1)
+    return n
+
+
+def segfault_on_13(n: int) -> int:
+    if n == 13:
+        import ctypes
+
+        ctypes.string_at(0)
+    return n
+
+
+def sigkill_self_on_13(n: int) -> int:
+    if n == 13:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    return n
+
+
+def hang_on_5(n: int) -> int:
+    if n == 5:
+        time.sleep(3600)
+    return n
+
+
+def hang_briefly_on_5(n: int) -> int:
+    if n == 5:
+        time.sleep(3)
+    return n
+
+
+def unpicklable_result_on_4(n: int) -> object:
+    if n == 4:
+        return threading.Lock()
+    return n

@@ -4,6 +4,12 @@ A pool the pipeline creates is started (its workers spawned) before the first it
 its start-up cost is measured apart from the work, and shut down when the run ends; on a
 failed or cancelled run its processes are killed rather than waited for. A pool the caller
 passes in is used as it is and never shut down.
+
+A process pool whose worker dies is broken for good (every pending call fails), so a
+run replaces it: each replacement is a new *generation*. A call knows the generation it
+was made in; whoever first sees a generation break replaces it, the others just retry.
+Calls under suspicion of killing their worker run *alone* (see `CallGate`), so that a
+crash while one runs convicts exactly that call.
 """
 
 from __future__ import annotations
@@ -15,12 +21,79 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
+import anyio.to_thread
+
 from . import _worker
+from ._errors import PipeflowError
 from ._stage import Pool
 
-__all__ = ["PoolHandle", "default_start_method"]
+__all__ = ["CallGate", "CrashLoop", "PoolHandle", "default_start_method"]
+
+# Replacing a broken pool more often than this in one run is a crash loop, not bad luck.
+MAX_REBUILDS = 32
+
+
+_abandoned_threads = 0
+
+
+def abandoned_threads() -> int:
+    """How many threads this process gave up on after a timeout; they may never return,
+    so a command-line run ends its process without waiting for them."""
+    return _abandoned_threads
+
+
+class CrashLoop(PipeflowError):
+    """A pool's workers kept dying: the run stops instead of replacing it forever."""
+
+
+class CallGate:
+    """Calls share the pool, except a call that must run alone: it waits for the others
+    to finish, and new calls wait for it."""
+
+    def __init__(self) -> None:
+        self._condition = anyio.Condition()
+        self._active = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        """Hold the pool together with other shared calls."""
+        async with self._condition:
+            while self._alone or self._waiting_alone:
+                await self._condition.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._condition:
+                    self._active -= 1
+                    self._condition.notify_all()
+
+    @asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        """Hold the pool with no other call running."""
+        async with self._condition:
+            self._waiting_alone += 1
+            try:
+                while self._alone or self._active:
+                    await self._condition.wait()
+            finally:
+                self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._condition:
+                    self._alone = False
+                    self._condition.notify_all()
 
 
 def default_start_method() -> str:
@@ -53,6 +126,12 @@ class PoolHandle:
         self.executor: concurrent.futures.Executor | None = executor
         self.start_s = 0.0
         self.rebuilds = 0
+        self.generation = 0
+        self.gate = CallGate()
+        self._rebuild_lock = anyio.Lock()
+        self._killed_generations: set[int] = set()
+        self._processes: list[Any] = []
+        self.abandoned = 0
         self.kind: str
         if executor is None:
             assert spec is not None
@@ -74,14 +153,58 @@ class PoolHandle:
         """Create the pool (if owned) and spawn its workers. Blocking: call from a thread."""
         if not self.owned or self.executor is not None:
             return
-        assert self.spec is not None
         started = time.perf_counter()
         self.executor = self._create()
-        if self.kind == "process":
-            # spawn every worker now, so start-up is paid (and measured) before the work
-            futures = [self.executor.submit(_noop) for _ in range(self.workers)]
-            concurrent.futures.wait(futures)
-        self.start_s = time.perf_counter() - started
+        self.start_s += time.perf_counter() - started
+
+    @property
+    def can_rebuild(self) -> bool:
+        """Whether a broken pool can be replaced (only process pools the run created)."""
+        return self.owned and self.kind == "process"
+
+    async def replace(self, generation: int, *, kill: bool) -> tuple[bool, str]:
+        """Replace generation `generation` of the pool, once, however many calls ask.
+
+        The old executor stays in place until the new one is ready, so a call never
+        finds no executor: at worst it finds the broken one and asks again.
+
+        Args:
+            generation: The generation the caller's call was made in.
+            kill: Kill that generation's workers (a timed-out call holds one of them).
+
+        Returns:
+            Whether that generation was killed on purpose (its calls are innocent), and
+            what ended its dead worker (`exit code 1`, `signal SIGSEGV`), if known.
+
+        Raises:
+            CrashLoop: The pool was replaced more than MAX_REBUILDS times in this run.
+        """
+        async with self._rebuild_lock:
+            if kill:
+                self._killed_generations.add(generation)
+            intentional = generation in self._killed_generations
+            if self.generation != generation:
+                return intentional, self._death
+            self.rebuilds += 1
+            if self.rebuilds > MAX_REBUILDS:
+                raise CrashLoop(
+                    f"pool {self.name!r}: its workers died {self.rebuilds} times in this run "
+                    f"(last: {self._death}); giving up"
+                )
+            with anyio.CancelScope(shield=True):
+                started = time.perf_counter()
+                self.executor = await anyio.to_thread.run_sync(self._replace, kill)
+                self.start_s += time.perf_counter() - started
+            self.generation += 1
+            return intentional, self._death
+
+    _death = "unknown cause"
+
+    def _replace(self, kill: bool) -> concurrent.futures.Executor:
+        # the dead worker has exited already: read its exit code before killing the rest
+        self._death = "killed after a timeout" if kill else _cause_of_death(self._processes)
+        self._end(self.executor, kill=True)
+        return self._create()
 
     def _create(self) -> concurrent.futures.Executor:
         assert self.spec is not None
@@ -93,17 +216,22 @@ class PoolHandle:
         context = multiprocessing.get_context(method)
         if method == "forkserver":
             context.set_forkserver_preload(["__main__", "pipeflow._worker"])
-        return concurrent.futures.ProcessPoolExecutor(
+        executor = concurrent.futures.ProcessPoolExecutor(
             self.spec.workers,
             mp_context=context,
             initializer=_worker.init_process_worker,
             initargs=(list(sys.path),),
             max_tasks_per_child=self.spec.max_tasks_per_child,
         )
+        # spawn every worker now, so start-up is paid (and measured) before the work
+        concurrent.futures.wait([executor.submit(_noop) for _ in range(self.spec.workers)])
+        self._processes = list(getattr(executor, "_processes", {}).values())
+        return executor
 
     def pids(self) -> list[int]:
         """The process ids of the pool's live worker processes (none for threads)."""
-        return self.pids_of(self.executor)
+        processes = getattr(self.executor, "_processes", None) or {}
+        return [p.pid for p in list(processes.values()) if p.pid is not None]
 
     def shutdown(self, *, kill: bool) -> None:
         """Shut an owned pool down; with `kill`, end its processes instead of waiting.
@@ -111,19 +239,50 @@ class PoolHandle:
         Blocking: call from a thread. A lent pool is left alone.
         """
         executor, self.executor = self.executor, None
-        if executor is None or not self.owned:
+        if self.owned:
+            self._end(executor, kill=kill)
+
+    def abandon_thread(self) -> bool:
+        """Give up on a thread stuck in a timed-out call; add one so capacity is kept.
+
+        Returns:
+            Whether a thread was abandoned (only in thread pools the run created).
+        """
+        executor = self.executor
+        if not (self.owned and isinstance(executor, concurrent.futures.ThreadPoolExecutor)):
+            return False
+        executor._max_workers += 1
+        self.abandoned += 1
+        global _abandoned_threads
+        _abandoned_threads += 1
+        return True
+
+    def _end(self, executor: concurrent.futures.Executor | None, *, kill: bool) -> None:
+        if executor is None:
+            return
+        if self.kind == "thread" and (kill or self.abandoned):
+            # threads cannot be killed: don't wait for calls that may never return
+            executor.shutdown(wait=False, cancel_futures=True)
             return
         if kill and self.kind == "process":
-            for pid in self.pids_of(executor):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            processes = getattr(executor, "_processes", None) or {}
+            for process in list(processes.values()):
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    os.kill(process.pid, signal.SIGKILL)
         executor.shutdown(wait=True, cancel_futures=True)
 
-    @staticmethod
-    def pids_of(executor: Any) -> list[int]:
-        """The process ids of a process pool's live workers."""
-        processes = getattr(executor, "_processes", None) or {}
-        return [p.pid for p in list(processes.values()) if p.pid is not None]
+
+def _cause_of_death(processes: list[Any]) -> str:
+    """What ended a pool's dead worker, from the exit codes of its (joined) processes."""
+    for process in processes:
+        code = process.exitcode
+        # the pool terminates the survivors of a crash with SIGTERM
+        if code is None or code in (0, -signal.SIGTERM):
+            continue
+        if code < 0:
+            return f"signal {signal.Signals(-code).name}"
+        return f"exit code {code}"
+    return "unknown cause"
 
 
 def _guess_workers(executor: Any) -> int:

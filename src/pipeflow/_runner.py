@@ -15,7 +15,6 @@ exit path.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import itertools
@@ -471,16 +470,34 @@ class StageRun:
 
     # --- executor calls ---
 
-    async def _call_isolating(self, values: list[Any]) -> ChunkResult:
-        """Call for a chunk; if the call itself fails (an item or result that cannot be
-        pickled), run the items one by one so the failure lands on its own item."""
+    async def _call_isolating(self, values: list[Any], *, suspect: bool = False) -> ChunkResult:
+        """Call for a chunk, and pin any failure of the call itself on its own item.
+
+        A call that fails as a whole (an item or a result that cannot be pickled) is
+        split into one call per item. A call whose worker process died is run again
+        alone, bisected while it keeps crashing, so its innocent items complete and the
+        item that kills its worker is convicted as `WorkerCrashed`.
+        """
         try:
-            result = await self._call(values)
+            result = await self._call(values, alone=suspect)
+        except _Crashed as crash:
+            if len(values) > 1:
+                middle = len(values) // 2
+                halves = [
+                    await self._call_isolating(values[:middle], suspect=True),
+                    await self._call_isolating(values[middle:], suspect=True),
+                ]
+                return self._merge(halves, [0, middle])
+            if not suspect:
+                return await self._call_isolating(values, suspect=True)
+            return self._failed_chunk(
+                WorkerCrashed(f"the worker process running this item died ({crash.cause})")
+            )
         except _ChunkCallError as exc:
             if len(values) == 1:
                 return self._failed_chunk(exc.error)
-            results = [await self._call_isolating([value]) for value in values]
-            return self._merge(results)
+            singles = [await self._call_isolating([value], suspect=suspect) for value in values]
+            return self._merge(singles, range(len(values)))
         self.report.calls += 1
         self.report.busy_s += result.busy_s
         by_worker = self.report.by_worker
@@ -497,46 +514,80 @@ class StageRun:
         return collector.result(time.perf_counter())
 
     @staticmethod
-    def _merge(results: list[ChunkResult]) -> ChunkResult:
+    def _merge(results: list[ChunkResult], offsets: Sequence[int]) -> ChunkResult:
+        """One result from the results of consecutive parts of a chunk."""
         outputs: list[Any] = []
         kept: list[int] = []
         failures: list[Failure] = []
-        for position, result in enumerate(results):
+        for offset, result in zip(offsets, results, strict=True):
             outputs.extend(result.outputs)
-            kept.extend([position] * len(result.outputs))
+            local = result.kept if result.kept is not None else range(len(result.outputs))
+            kept.extend(offset + position for position in local)
             failures.extend(
-                Failure(position, f.error, f.error_type, f.message, f.traceback)
+                Failure(offset + f.position, f.error, f.error_type, f.message, f.traceback)
                 for f in result.failures
             )
         busy = sum(r.busy_s for r in results)
         return ChunkResult(outputs, kept, failures, busy, results[-1].worker if results else "")
 
-    async def _call(self, values: list[Any]) -> ChunkResult:
-        if self.pool is None:
+    async def _call(self, values: list[Any], *, alone: bool = False) -> ChunkResult:
+        """One executor call for a chunk.
+
+        Raises:
+            _Crashed: The pool broke while the call was in it (the pool is replaced).
+            _ChunkCallError: The call failed as a whole, or timed out.
+        """
+        pool = self.pool
+        if pool is None:
             return await self._call_async(values)
-        assert self.call is not None and self.pool.executor is not None
+        assert self.call is not None
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.pool.executor, _worker.run_chunk, self.call, values)
-        try:
-            if self.stage.timeout is None:
-                return await future
-            with anyio.fail_after(self.stage.timeout):
-                return await future
-        except TimeoutError:
-            if not future.done() or future.cancelled():
-                await self.runner.on_timeout(self)
+        timeout = self.stage.timeout
+        while True:
+            generation = pool.generation
+            gate = pool.gate.alone() if alone else pool.gate.shared()
+            async with gate if pool.can_rebuild else contextlib.nullcontext():
+                try:
+                    future = loop.run_in_executor(
+                        pool.executor, _worker.run_chunk, self.call, values
+                    )
+                except BrokenProcessPool:
+                    if not pool.can_rebuild:
+                        raise _ChunkCallError(WorkerCrashed(self._lent_pool_broken())) from None
+                    await pool.replace(generation, kill=False)
+                    continue  # the pool was already broken: this call never ran
+                with anyio.move_on_after(timeout if timeout is not None else math.inf) as scope:
+                    try:
+                        return await future
+                    except BrokenProcessPool:
+                        if not pool.can_rebuild:
+                            raise _ChunkCallError(WorkerCrashed(self._lent_pool_broken())) from None
+                        intentional, cause = await pool.replace(generation, kill=False)
+                        if intentional:
+                            continue  # we killed that pool ourselves, over another call
+                        raise _Crashed(cause) from None
+                    except (anyio.get_cancelled_exc_class(), _worker.UnpicklableError):
+                        raise
+                    except Exception as exc:  # the call itself failed: pickling, mostly
+                        raise _ChunkCallError(exc) from None
+                assert scope.cancelled_caught
+                # timed out: a process can be killed (the pool is replaced and the other
+                # calls in it run again); a thread cannot, it is abandoned
+                if pool.can_rebuild:
+                    await pool.replace(generation, kill=True)
+                elif pool.abandon_thread():
+                    logger.warning(
+                        "thread_abandoned",
+                        stage=self.name,
+                        hint="a thread cannot be killed: it runs on until its call returns; "
+                        "one more thread keeps the stage's capacity",
+                    )
                 raise _ChunkCallError(
-                    ItemTimeout(f"timed out after {self.stage.timeout:g}s in {self.kind} worker")
-                ) from None
-            raise _ChunkCallError(future.exception() or TimeoutError()) from None
-        except BrokenProcessPool as exc:
-            raise _ChunkCallError(
-                WorkerCrashed(f"a worker process of {self.pool.name!r} died: {exc}")
-            ) from None
-        except (anyio.get_cancelled_exc_class(), _worker.UnpicklableError):
-            raise
-        except Exception as exc:  # the call itself failed: pickling an argument or a result
-            raise _ChunkCallError(exc) from None
+                    ItemTimeout(f"timed out after {timeout:g}s in a {self.kind} worker")
+                )
+
+    def _lent_pool_broken(self) -> str:
+        return f"a worker process of the pool lent to stage {self.name!r} died; it is broken"
 
     async def _call_async(self, values: list[Any]) -> ChunkResult:
         started = time.perf_counter()
@@ -579,6 +630,14 @@ class _ChunkCallError(Exception):
         super().__init__(str(error))
 
 
+class _Crashed(Exception):
+    """The pool broke (a worker died) while a call was in it."""
+
+    def __init__(self, cause: str) -> None:
+        self.cause = cause
+        super().__init__(cause)
+
+
 # --- the run ------------------------------------------------------------------------------
 
 
@@ -605,6 +664,9 @@ class Runner:
         self.report = RunReport(name=pipeline.name, stages=[s.report for s in self.stages])
         self._dead_letters: MemoryObjectSendStream[dict[str, Any]] | None = None
         self._stop = anyio.Event()
+        # cancelled by request_stop(): the source stops at once, even mid-pull or blocked
+        # on a full queue, and closing its queue lets the stages drain what they hold
+        self._source_scope = anyio.CancelScope()
 
     # --- hooks the stages call ---
 
@@ -628,25 +690,10 @@ class Runner:
                 f"error budget (max_errors={budget}, max_error_rate={rate})"
             )
 
-    async def on_timeout(self, stage: StageRun) -> None:
-        """An item timed out in a pool: a stuck thread can't be stopped, a process can."""
-        pool = stage.pool
-        if pool is None or not pool.owned:
-            return
-        if pool.kind == "thread":
-            # the stuck thread is abandoned; one more thread keeps the stage's capacity
-            executor = pool.executor
-            if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
-                executor._max_workers += 1
-            logger.warning(
-                "thread_abandoned",
-                stage=stage.name,
-                hint="a thread cannot be killed; it runs on until its call returns",
-            )
-
     def request_stop(self) -> None:
         """Stop pulling the source; items already taken are finished and written."""
         self._stop.set()
+        self._source_scope.cancel()
 
     # --- the run itself ---
 
@@ -721,13 +768,6 @@ class Runner:
                 for teardown, state in _worker.thread_teardowns(stage.call.key):
                     await anyio.to_thread.run_sync(teardown, state)
         for pool in self.pools.values():
-            if kill and pool.kind == "thread":
-                # threads cannot be killed: don't wait for calls that may never return
-                executor = pool.executor
-                pool.executor = None
-                if executor is not None and pool.owned:
-                    executor.shutdown(wait=False, cancel_futures=True)
-                continue
             await anyio.to_thread.run_sync(functools.partial(pool.shutdown, kill=kill))
 
     async def _report_progress(self) -> None:
@@ -770,17 +810,18 @@ class Runner:
         source = self.source
         try:
             async with send:
-                if isinstance(source, AsyncIterable):
-                    await self._pump_async(source, send, first)
-                else:
-                    await self._pump_sync(source, send, first)
+                with self._source_scope:
+                    if isinstance(source, AsyncIterable):
+                        await self._pump_async(source, send, first)
+                    else:
+                        await self._pump_sync(source, send, first)
         except (PipelineError, anyio.get_cancelled_exc_class()):
             raise
         except anyio.BrokenResourceError:
             return  # the first stage has gone: the run is ending
         except BaseException as exc:
             error = _leaf(exc)
-            raise _error_of("source", self.report.items_read, "…", error) from error
+            raise _error_of("source", None, None, error) from error
 
     def _max_source_batch(self) -> int:
         # a fixed batch on the first stage also bounds the source's batches, so that
@@ -807,7 +848,7 @@ class Runner:
         limit = self._max_source_batch()
         size = 1
         try:
-            while not self._stop.is_set():
+            while True:
                 if in_memory:
                     values = list(itertools.islice(iterator, size))
                 else:
@@ -840,8 +881,6 @@ class Runner:
                 async with items_send:
                     async for value in iterator:
                         await items_send.send(value)
-                        if self._stop.is_set():
-                            return
             finally:
                 aclose = getattr(iterator, "aclose", None)
                 if aclose is not None:
