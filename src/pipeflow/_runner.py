@@ -313,16 +313,17 @@ class StageRun:
                 return
             size = self.sizer.size
             indices, values = batch
-            if len(values) < size:  # merge what already waits, never wait for more
-                merged_indices, merged_values = list(indices), list(values)
-                while len(merged_values) < size:
-                    try:
-                        more = recv.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                    merged_indices.extend(more.indices)
-                    merged_values.extend(more.values)
-                indices, values = merged_indices, merged_values
+            merged = False
+            while len(values) < size:  # merge what already waits, never wait for more
+                try:
+                    more = recv.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+                if not merged:
+                    indices, values, merged = list(indices), list(values), True
+                assert isinstance(indices, list)
+                indices.extend(more.indices)
+                values.extend(more.values)
             count = len(values)
             report.items_in += count
             if recv.statistics().current_buffer_used == 0 and self.workers > 1:
