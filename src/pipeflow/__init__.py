@@ -7,6 +7,8 @@ thread pool (`thread`), in a process pool (`process`), or in any executor you pa
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._config import load as load
+from ._config import schema as schema
 from ._errors import ConfigError as ConfigError
 from ._errors import ErrorBudgetExceeded as ErrorBudgetExceeded
 from ._errors import ItemError as ItemError
@@ -64,5 +66,7 @@ __all__ = [
     "configure_logging",
     "csv_rows",
     "jsonl_records",
+    "load",
+    "schema",
     "text_lines",
 ]

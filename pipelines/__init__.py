@@ -1,0 +1,1 @@
+"""Stage functions of the example pipelines in `configs/`: plain Python, no pipeflow import."""

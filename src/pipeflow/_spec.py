@@ -1,0 +1,286 @@
+"""The shape of a config file (version 1), as pydantic models.
+
+pydantic, because one validation pass reports every problem with its path (`loc`), which
+maps back to a line and column of the YAML, and the same models give `pipeflow schema`
+its JSON Schema for editors; `extra="forbid"` makes unknown keys errors. These models
+check shape only; what needs imports (callables, pickling) is checked in `_config.py`.
+
+Defaults are read from `Stage` and `Pool`, so the library and the config never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from ._stage import Pool, Retry, Stage
+
+__all__ = [
+    "ConfigSpec",
+    "EXECUTOR_KINDS",
+    "ExecutorSpec",
+    "SinkSpec",
+    "SourceSpec",
+    "StageSpec",
+    "parse_duration",
+    "schema",
+]
+
+# An executor kind is added here and in `_config._build_executor` (a `dask` kind, say).
+ExecutorKind = Literal["thread", "process"]
+EXECUTOR_KINDS: tuple[str, ...] = ("thread", "process")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """`250ms`, `5s`, `1m` or a number of seconds, as float seconds.
+
+    Raises:
+        PydanticCustomError: The text is not a duration.
+    """
+    if isinstance(value, bool):
+        raise PydanticCustomError("duration", f"expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise PydanticCustomError(
+            "duration", f"bad duration {value!r}: write 250ms, 5s, 1m or a number of seconds"
+        )
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def _default(cls: Any, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _path_shorthand(value: Any) -> Any:
+    return {"path": value} if isinstance(value, str) else value
+
+
+def _fn_shorthand(value: Any) -> Any:
+    return {"fn": value} if isinstance(value, str) else value
+
+
+def _empty_is_default(value: Any) -> Any:
+    return {} if value is None else value
+
+
+def _batch(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise PydanticCustomError("batch", f"expected auto or a positive int, got {value!r}")
+
+
+def _retries_shorthand(value: Any) -> Any:
+    return {"attempts": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": r"^\d+(\.\d*)?(ms|s|m)?$"},
+            ],
+            "description": "250ms, 5s, 1m, or a number of seconds",
+        }
+    ),
+]
+FnRef = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+        description="module:attribute, e.g. pipelines.squares:square",
+    ),
+]
+Batch = Annotated[
+    Any,
+    BeforeValidator(_batch),
+    WithJsonSchema(
+        {"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 1}], "default": "auto"}
+    ),
+]
+StartMethod = Literal["forkserver", "spawn", "fork"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetrySpec(_Spec):
+    """`retries:` of a stage (an int is short for `{attempts: N}`)."""
+
+    attempts: PositiveInt = _default(Retry, "attempts")
+    backoff: Duration = _default(Retry, "backoff")
+    max_backoff: Duration = _default(Retry, "max_backoff")
+    jitter: bool = _default(Retry, "jitter")
+    retry_on: list[str] = Field(
+        default=["Exception"],
+        description="exception names: ValueError (a builtin) or module:Name",
+    )
+
+
+class StageSpec(_Spec):
+    """One entry of `stages:`."""
+
+    name: str | None = Field(None, description="unique; defaults to the fn's name")
+    fn: FnRef
+    kind: Literal["async", "thread", "process"] | None = Field(
+        None, description="default: async for an async def, else thread"
+    )
+    executor: str | None = Field(None, description="a name from executors: (instead of kind)")
+    workers: PositiveInt = _default(Stage, "workers")
+    op: Literal["map", "filter", "flat_map", "map_batch"] = _default(Stage, "op")
+    ordered: bool = _default(Stage, "ordered")
+    batch: Batch = _default(Stage, "batch")
+    queue_size: PositiveInt = _default(Stage, "queue_size")
+    timeout: Duration | None = _default(Stage, "timeout")
+    retries: Annotated[RetrySpec | None, BeforeValidator(_retries_shorthand)] = None
+    on_error: Literal["fail", "skip", "dead_letter"] = _default(Stage, "on_error")
+    setup: FnRef | None = None
+    teardown: FnRef | None = None
+    start_method: StartMethod | None = None
+
+    @model_validator(mode="after")
+    def _kind_or_executor(self) -> StageSpec:
+        if self.kind is not None and self.executor is not None:
+            raise PydanticCustomError(
+                "kind_and_executor",
+                "give kind: or executor:, not both (kind makes the stage its own pool)",
+            )
+        return self
+
+
+class ExecutorSpec(_Spec):
+    """One entry of `executors:`, a pool that stages share by name."""
+
+    kind: ExecutorKind
+    workers: PositiveInt = _default(Pool, "workers")
+    start_method: StartMethod | None = None
+    max_tasks_per_child: PositiveInt | None = None
+
+
+class RangeSource(_Spec):
+    start: int = 0
+    stop: int
+    step: int = 1
+
+
+class PathSource(_Spec):
+    path: str
+
+
+class CsvSource(_Spec):
+    path: str
+    header: bool = True
+    delimiter: str = Field(",", min_length=1, max_length=1)
+
+
+class FnSource(_Spec):
+    fn: FnRef
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+
+
+def _exactly_one(spec: BaseModel, what: str) -> None:
+    given = sorted(spec.model_fields_set)
+    if len(given) != 1:
+        choices = ", ".join(type(spec).model_fields)
+        got = f"got {', '.join(given)}" if given else "got none"
+        raise PydanticCustomError("exactly_one", f"needs exactly one {what} of: {choices} ({got})")
+
+
+class SourceSpec(_Spec):
+    """`source:`, exactly one kind."""
+
+    range: RangeSource | None = None
+    items: list[Any] | None = None
+    lines: Annotated[PathSource | None, BeforeValidator(_path_shorthand)] = None
+    jsonl: Annotated[PathSource | None, BeforeValidator(_path_shorthand)] = None
+    csv: Annotated[CsvSource | None, BeforeValidator(_path_shorthand)] = None
+    fn: Annotated[FnSource | None, BeforeValidator(_fn_shorthand)] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> SourceSpec:
+        _exactly_one(self, "source")
+        return self
+
+
+class StdoutSinkSpec(_Spec):
+    format: Literal["json", "text"] = "json"
+
+
+class JsonlSinkSpec(_Spec):
+    path: str
+    append: bool = False
+
+
+class CsvSinkSpec(_Spec):
+    path: str
+    fields: list[str] | None = None
+
+
+class NullSinkSpec(_Spec):
+    pass
+
+
+class FnSinkSpec(_Spec):
+    fn: FnRef
+
+
+class SinkSpec(_Spec):
+    """`sink:` or `dead_letter:`, exactly one kind."""
+
+    stdout: Annotated[StdoutSinkSpec | None, BeforeValidator(_empty_is_default)] = None
+    jsonl: Annotated[JsonlSinkSpec | None, BeforeValidator(_path_shorthand)] = None
+    csv: Annotated[CsvSinkSpec | None, BeforeValidator(_path_shorthand)] = None
+    null: Annotated[NullSinkSpec | None, BeforeValidator(_empty_is_default)] = None
+    fn: Annotated[FnSinkSpec | None, BeforeValidator(_fn_shorthand)] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> SinkSpec:
+        _exactly_one(self, "sink")
+        return self
+
+
+class ConfigSpec(_Spec):
+    """A pipeflow config file, version 1."""
+
+    model_config = ConfigDict(extra="forbid", title="pipeflow config")
+
+    version: Literal[1] = 1
+    name: str | None = Field(None, description="defaults to the file's name")
+    executors: dict[str, ExecutorSpec] = {}
+    source: SourceSpec
+    stages: list[StageSpec] = Field(min_length=1)
+    sink: SinkSpec
+    dead_letter: SinkSpec | None = None
+    max_errors: int | None = Field(None, ge=0)
+    max_error_rate: float | None = Field(None, ge=0, le=1)
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of a config file, for editors that complete and check YAML.
+
+    Returns:
+        The schema as a dict (draft 2020-12).
+    """
+    result = ConfigSpec.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **result}

@@ -1,0 +1,55 @@
+"""Callables that the test configs name by `config_fns:NAME` (run with tests/ as app dir)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+
+def square(n: int) -> int:
+    return n * n
+
+
+def double(n: int) -> int:
+    return 2 * n
+
+
+def fail_on_3(n: int) -> int:
+    if n == 3:
+        raise ValueError(f"three is not allowed (got {n})")
+    return n
+
+
+def slow(n: int) -> int:
+    """A thread stage that takes a while, so a run lasts long enough to watch."""
+    time.sleep(0.05)
+    return n
+
+
+def count_up(stop: int, *, step: int = 1) -> Iterator[int]:
+    yield from range(0, stop, step)
+
+
+async def count_up_async(stop: int) -> AsyncIterator[int]:
+    for n in range(stop):
+        yield n
+
+
+collected: list[Any] = []
+
+
+class _Locked:
+    """A callable holding a lock: it works in a thread but cannot be sent to a process."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __call__(self, n: int) -> int:
+        with self.lock:
+            return n
+
+
+unpicklable = _Locked()
+not_callable = 42
