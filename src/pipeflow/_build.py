@@ -19,7 +19,7 @@ from ._pipeline import Pipeline
 from ._sinks import CallableSink, CsvSink, JsonlSink, NullSink, Sink, StdoutSink
 from ._sources import csv_rows, jsonl_records, text_lines
 from ._spec import ConfigSpec, ExecutorSpec, SinkSpec, SourceSpec, StageSpec
-from ._stage import Pool, Retry, Stage
+from ._stage import Kind, Pool, Retry, Stage
 from ._yaml import DataPath
 
 __all__ = ["build_pipeline"]
@@ -89,6 +89,7 @@ def _stage(
 ) -> Stage | None:
     fn = resolved[spec.fn]
     name = spec.name or spec.fn.rpartition(":")[2].rpartition(".")[2]
+    kind: Kind
     if spec.executor is not None:
         kind = executors[spec.executor].kind
     else:

@@ -203,7 +203,9 @@ class _Loader:
         parts: list[str] = []
         node = self.doc.data
         for segment in path:
-            name = stage_name(node[segment]) if parts == ["stages"] and _has(node, segment) else None
+            name = (
+                stage_name(node[segment]) if parts == ["stages"] and _has(node, segment) else None
+            )
             if name is not None:
                 parts.append(name)
             elif isinstance(segment, int):
@@ -271,7 +273,10 @@ class _Loader:
         data = self.doc.data
         if not isinstance(data, dict):
             if data is not None:
-                self.add((), f"a config is a mapping with source, stages and sink, not {_yaml_type(data)}")
+                self.add(
+                    (),
+                    f"a config is a mapping with source, stages and sink, not {_yaml_type(data)}",
+                )
             self.invalid.append(())
             return None
         try:
@@ -289,7 +294,9 @@ class _Loader:
         kind, given = error["type"], error.get("input")
         if kind == "extra_forbidden":
             key = str(path[-1])
-            self.add(path, f"unknown key {key!r}{did_you_mean(key, _fields_at(path[:-1]))}", key=True)
+            self.add(
+                path, f"unknown key {key!r}{did_you_mean(key, _fields_at(path[:-1]))}", key=True
+            )
         elif kind == "missing":
             self.add(path[:-1], f"missing required key {path[-1]!r}")
         elif kind == "literal_error":
@@ -311,8 +318,8 @@ class _Loader:
         data = self.doc.data
         if not isinstance(data, dict):
             return
-        executors = data.get("executors") if isinstance(data.get("executors"), dict) else {}
-        stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+        executors = data["executors"] if isinstance(data.get("executors"), dict) else {}
+        stages = data["stages"] if isinstance(data.get("stages"), list) else []
         first: dict[str, DataPath] = {}
         for index, raw in enumerate(stages):
             path: DataPath = ("stages", index)
@@ -332,7 +339,9 @@ class _Loader:
             if isinstance(executor, str) and executor not in executors:
                 known = ", ".join(executors) or "none declared"
                 hint = did_you_mean(executor, executors)
-                self.add((*path, "executor"), f"unknown executor {executor!r} (executors: {known}){hint}")
+                self.add(
+                    (*path, "executor"), f"unknown executor {executor!r} (executors: {known}){hint}"
+                )
             if raw.get("on_error") == "dead_letter" and data.get("dead_letter") is None:
                 self.add(
                     (*path, "on_error"),

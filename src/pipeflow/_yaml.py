@@ -153,7 +153,7 @@ class _Walker:
             value = self._interpolate(value, path)
             if node.style is None:
                 # a plain scalar gets its type from its text after interpolation
-                tag = self.loader.resolve(yaml.ScalarNode, value, (True, False))
+                tag = self.loader.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
                 node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark, None)
             else:
                 return value

@@ -1,0 +1,276 @@
+"""The `pipeflow` command: a thin layer that parses, calls `load()` and `run()`, and renders.
+
+Exit codes: 0 done; 1 the pipeline failed; 2 bad usage or config; 130 SIGINT; 143 SIGTERM;
+141 when stdout is closed early (`pipeflow run x | head`), quietly, as a tool killed by
+SIGPIPE would. Results go to stdout, everything else to stderr.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import anyio
+import typer
+from rich.console import Console
+
+from . import __version__
+from ._config import load, schema
+from ._console import LiveProgress, print_failure, print_summary
+from ._errors import ConfigError, PipeflowError, PipelineError
+from ._graph import draw
+from ._log import configure_logging, logger
+from ._pipeline import Pipeline
+from ._report import RunReport
+from ._runner import Runner
+
+__all__ = ["app", "main"]
+
+EXIT_FAILED, EXIT_USAGE, EXIT_BROKEN_PIPE = 1, 2, 141
+_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+app = typer.Typer(
+    name="pipeflow",
+    help="Run data pipelines that mix coroutines, threads and processes, declared in YAML.",
+    epilog="Example: pipeflow run configs/squares.yaml --set stages.square.workers=8",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class LogFormat(enum.StrEnum):
+    console = "console"
+    json = "json"
+
+
+class GraphFormat(enum.StrEnum):
+    text = "text"
+    mermaid = "mermaid"
+    dot = "dot"
+
+
+ConfigArg = Annotated[str, typer.Argument(help="The pipeline's YAML file.", show_default=False)]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="PATH=VALUE",
+        help="Override a config value, stages by name: stages.square.workers=8 (repeatable).",
+    ),
+]
+AppDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--app-dir",
+        help="Import fn modules and resolve relative paths from here [default: current dir].",
+    ),
+]
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+
+
+def _usage_error(lines: list[str]) -> NoReturn:
+    for line in lines:
+        print(line, file=sys.stderr)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _load(config: str, sets: list[str] | None, app_dir: Path | None) -> Pipeline:
+    overrides: dict[str, str] = {}
+    for item in sets or []:
+        path, equals, value = item.partition("=")
+        if not equals or not path:
+            _usage_error([f"--set {item}: write --set PATH=VALUE, e.g. stages.square.workers=8"])
+        overrides[path.strip()] = value
+    try:
+        return load(config, overrides, app_dir=app_dir)
+    except ConfigError as exc:
+        _usage_error(exc.problems)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"pipeflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Run data pipelines that mix coroutines, threads and processes, declared in YAML."""
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    sets: SetOption = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write the run's JSON report here.")
+    ] = None,
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="How log lines look on stderr.")
+    ] = LogFormat.console,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress, no summary, warnings only.")
+    ] = False,
+    app_dir: AppDirOption = None,
+) -> None:
+    """Run the pipeline: results to stdout, progress and a summary to stderr.
+
+    Exits 0 when done, 1 when the pipeline failed, 2 for a bad config, 130 on Ctrl-C and
+    143 on SIGTERM (the first signal stops reading and finishes the items already read,
+    a second one cancels at once).
+    """
+    configure_logging(log_format.value, logging.WARNING if quiet else logging.INFO)
+    pipeline = _load(config, sets, app_dir)
+    console = _stderr()
+    show_progress = console.is_terminal and not quiet
+    outcome = _Outcome()
+    if show_progress:
+        with LiveProgress(console) as live:
+            # log lines written meanwhile go through the live display, above the table
+            configure_logging(log_format.value, logging.INFO)
+            try:
+                anyio.run(_run, pipeline, live.update, outcome)
+            finally:
+                configure_logging(log_format.value, logging.INFO)
+    else:
+        anyio.run(_run, pipeline, None, outcome)
+    _finish(outcome, report, console, quiet)
+
+
+class _Outcome:
+    """What `_run` learned: the report, the error if the run raised, the signals received."""
+
+    def __init__(self) -> None:
+        self.runner: Runner | None = None
+        self.report: RunReport | None = None
+        self.error: Exception | None = None
+        self.signals: list[int] = []
+
+
+async def _run(
+    pipeline: Pipeline, progress: Callable[[RunReport], Any] | None, outcome: _Outcome
+) -> None:
+    run_scope = anyio.CancelScope()
+
+    async def watch_signals(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+            task_status.started()
+            async for signum in received:
+                outcome.signals.append(signum)
+                if len(outcome.signals) == 1 and outcome.runner is not None:
+                    logger.warning(
+                        "stopping",
+                        signal=signal.Signals(signum).name,
+                        hint="finishing the items already read; signal again to cancel",
+                    )
+                    outcome.runner.request_stop()
+                else:
+                    run_scope.cancel()
+
+    def ready(runner: Runner) -> None:
+        outcome.runner = runner
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(watch_signals)
+        try:
+            with run_scope:
+                outcome.report = await pipeline.run(progress=progress, runner_ready=ready)
+        except Exception as exc:
+            outcome.error = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if outcome.report is None and outcome.runner is not None:
+        outcome.report = getattr(outcome.error, "report", None) or outcome.runner.report
+
+
+def _broken_pipe(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, BrokenPipeError):
+            return True
+        error = error.__cause__
+    return False
+
+
+def _finish(outcome: _Outcome, report_file: Path | None, console: Console, quiet: bool) -> None:
+    report, error = outcome.report, outcome.error
+    if report_file is not None and report is not None:
+        report_file.write_text(report.to_json() + "\n", encoding="utf-8")
+    if _broken_pipe(error):
+        # stdout's reader left: no message, and no second BrokenPipeError at exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_BROKEN_PIPE)
+    if isinstance(error, PipelineError):
+        print_failure(console, error)
+    elif isinstance(error, PipeflowError):
+        console.print(f"[bold red]error:[/] {type(error).__name__}: {error}", soft_wrap=True)
+    elif error is not None:
+        raise error
+    if report is not None and not quiet:
+        print_summary(console, report)
+    if outcome.signals:
+        raise typer.Exit(_SIGNAL_EXIT.get(signal.Signals(outcome.signals[0]), 130))
+    if error is not None:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def validate(config: ConfigArg, sets: SetOption = None, app_dir: AppDirOption = None) -> None:
+    """Check the config: its keys and values, every fn imports, process callables pickle.
+
+    Exits 0 when the config is good, 2 with one `FILE:LINE:COL: where: what` line per problem.
+    """
+    pipeline = _load(config, sets, app_dir)
+    names = ", ".join(str(stage.name) for stage in pipeline.stages)
+    count = len(pipeline.stages)
+    print(f"{config}: ok ({count} stage{'s' if count > 1 else ''}: {names})")
+
+
+@app.command()
+def graph(
+    config: ConfigArg,
+    fmt: Annotated[
+        GraphFormat, typer.Option("--format", "-f", help="text, mermaid or dot.")
+    ] = GraphFormat.text,
+    sets: SetOption = None,
+    app_dir: AppDirOption = None,
+) -> None:
+    """Draw the pipeline: each stage's kind, workers, op and input queue bound."""
+    pipeline = _load(config, sets, app_dir)
+    sys.stdout.write(draw(pipeline, fmt.value))
+
+
+@app.command("schema")
+def schema_command() -> None:
+    """Print the config's JSON Schema, for editors that complete and check YAML."""
+    print(json.dumps(schema(), indent=2))
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(_SIGNAL_EXIT.get(signal.Signals(signum), 128 + signum))
+
+
+def main() -> None:
+    """The `pipeflow` console script."""
+    # Outside a run (loading, rendering) a signal ends the command with its exit code at
+    # once; during a run, `_run`'s receiver replaces these handlers with a graceful stop.
+    for signum in _SIGNAL_EXIT:
+        signal.signal(signum, _exit_on_signal)
+    app()
