@@ -8,6 +8,14 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 
+def identity(value: Any) -> Any:
+    return value
+
+
+async def async_double(n: int) -> int:
+    return 2 * n
+
+
 def square(n: int) -> int:
     return n * n
 
@@ -38,6 +46,11 @@ async def count_up_async(stop: int) -> AsyncIterator[int]:
 
 
 collected: list[Any] = []
+
+
+def collect(value: Any) -> None:
+    """A sink: keeps every result in `collected`."""
+    collected.append(value)
 
 
 class _Locked:

@@ -30,7 +30,7 @@ from ._imports import (
     put_first_on_sys_path,
 )
 from ._pipeline import Pipeline
-from ._spec import ConfigSpec, SinkSpec, SourceSpec, StageSpec, schema
+from ._spec import ConfigSpec, schema
 from ._yaml import DataPath, Document, Origin, read_yaml
 
 __all__ = ["load", "schema", "stage_name"]
@@ -127,7 +127,14 @@ def _parse_value(text: str) -> Any:
 
 
 def _yaml_type(value: Any) -> str:
-    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a bool", type(None): "null"}
+    names = {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a bool",
+        int: "an int",
+        type(None): "null",
+    }
     return names.get(type(value), f"a {type(value).__name__}")
 
 
@@ -216,8 +223,8 @@ class _Loader:
         return ".".join(parts) or "config"
 
     def _valid(self, path: DataPath) -> bool:
-        n = len(path)
-        return not any(bad[:n] == path or path[: len(bad)] == bad for bad in self.invalid)
+        """Whether the value at `path` has the right shape (no shape problem at or under it)."""
+        return not any(bad[: len(path)] == path for bad in self.invalid)
 
     # --- overrides ---
 
@@ -348,45 +355,52 @@ class _Loader:
                     "on_error is dead_letter but the config has no dead_letter: sink "
                     "(add e.g. `dead_letter: {jsonl: errors.jsonl}`)",
                 )
-            if self._valid(path):
-                self._check_stage(path, StageSpec.model_validate(raw), executors)
+            self._check_stage(path, raw, executors)
         for part in ("source", "sink", "dead_letter"):
             self._check_end(part, data.get(part))
 
-    def _check_stage(self, path: DataPath, spec: StageSpec, executors: dict[str, Any]) -> None:
-        executor = executors.get(spec.executor) if spec.executor else None
-        in_process = spec.kind == "process" or (
+    def _check_stage(self, path: DataPath, raw: dict[str, Any], executors: dict[str, Any]) -> None:
+        executor = executors.get(raw.get("executor"))  # type: ignore[arg-type]
+        in_process = raw.get("kind") == "process" or (
             isinstance(executor, dict) and executor.get("kind") == "process"
         )
         for key in ("fn", "setup", "teardown"):
-            ref = getattr(spec, key)
-            found = self._resolve((*path, key), ref) if ref is not None else None
+            ref = raw.get(key)
+            if not isinstance(ref, str) or not self._valid((*path, key)):
+                continue
+            found = self._resolve((*path, key), ref)
             if found is not None and in_process and (why := pickle_problem(found)):
                 self.add(
                     (*path, key),
                     f"a process stage's {key} must pickle, and {ref} does not ({why}); define "
                     "it at module level and create locks, files or clients in setup:",
                 )
-        for position, name in enumerate(spec.retries.retry_on if spec.retries else []):
+        retries = raw.get("retries")
+        names = retries.get("retry_on") if isinstance(retries, dict) else None
+        for position, name in enumerate(names if isinstance(names, list) else []):
+            where = (*path, "retries", "retry_on", position)
+            if not isinstance(name, str) or not self._valid(where):
+                continue
             try:
                 import_exception(name)
             except ImportProblem as exc:
-                self.add((*path, "retries", "retry_on", position), str(exc))
+                self.add(where, str(exc))
 
     def _check_end(self, part: str, raw: Any) -> None:
-        if not isinstance(raw, dict) or not self._valid((part,)):
+        if not isinstance(raw, dict):
             return
-        spec = (SourceSpec if part == "source" else SinkSpec).model_validate(raw)
-        kind = next(iter(spec.model_fields_set))
-        path: DataPath = (part, kind)
-        shorthand = isinstance(raw[kind], str)
-        fn = getattr(spec, kind)
-        if kind == "fn":
-            self._resolve(path if shorthand else (*path, "fn"), fn.fn)
-        elif part == "source" and kind in ("lines", "jsonl", "csv"):
-            file = self.base / fn.path
-            if not file.is_file():
-                self.add(path if shorthand else (*path, "path"), f"no such file {str(file)!r}")
+        for kind, value in raw.items():
+            inner = "fn" if kind == "fn" else "path"
+            path: DataPath = (part, kind) if isinstance(value, str) else (part, kind, inner)
+            ref = value.get(inner) if isinstance(value, dict) else value
+            if not isinstance(ref, str) or not self._valid(path):
+                continue
+            if kind == "fn":
+                self._resolve(path, ref)
+            elif part == "source" and kind in ("lines", "jsonl", "csv"):
+                file = self.base / ref
+                if not file.is_file():
+                    self.add(path, f"no such file {str(file)!r}")
 
     def _resolve(self, path: DataPath, ref: str) -> Any:
         try:
