@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -77,6 +78,9 @@ def init_process_worker(sys_path: list[str]) -> None:
     """Initializer of every pipeflow process worker: the parent's import path, first."""
     global _in_process_worker
     _in_process_worker = True
+    # Ctrl-C reaches the whole process group: the parent decides how a run stops, and a
+    # worker killed by it mid-item would look like a crash
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for entry in reversed(sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
