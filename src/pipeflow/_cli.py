@@ -72,7 +72,7 @@ AppDirOption = Annotated[
     Path | None,
     typer.Option(
         "--app-dir",
-        help="Import fn modules and resolve relative paths from here [default: current dir].",
+        help="Import fn modules and resolve relative paths from here (default: the current dir).",
     ),
 ]
 
