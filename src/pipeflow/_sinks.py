@@ -198,6 +198,11 @@ class CsvSink(_TextSink):
         self.fields = list(fields) if fields else None
         self._header_done = False
 
+    async def open(self) -> None:
+        """Open the file; a new run writes its header again."""
+        self._header_done = False
+        await super().open()
+
     def render(self, values: list[Any]) -> str:
         """CSV rows (and the header before the first)."""
         buffer = io.StringIO()

@@ -142,8 +142,19 @@ def _portable(exc: BaseException) -> BaseException:
     return exc
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_traceback(exc: BaseException) -> str:
+    """The traceback text of `exc` without pipeflow's own frames at its top."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
+
+
 def _failure(position: int, exc: BaseException) -> Failure:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = user_traceback(exc)
     error = exc
     if _in_process_worker:
         exc.__traceback__ = None
