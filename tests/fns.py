@@ -121,3 +121,11 @@ def unpicklable_result_on_4(n: int) -> object:
     if n == 4:
         return threading.Lock()
     return n
+
+
+def burn_briefly(n: int) -> dict[str, int]:
+    """About 2 ms of pure-Python work; returns a record for a JSON-lines sink."""
+    deadline = time.perf_counter() + 0.002
+    while time.perf_counter() < deadline:
+        pass
+    return {"n": n, "square": n * n}

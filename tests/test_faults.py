@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import fns
@@ -176,3 +177,31 @@ async def test_a_stop_request_finishes_items_in_flight_and_reports_interrupted(
     stage = report.stages[0]
     assert report.items_read == stage.items_in == stage.items_out == report.items_written
     assert report.items_written == len(lines) >= 50
+
+
+async def test_a_stop_with_an_async_source_delivers_every_item_taken_from_it() -> None:
+    taken = 0
+    runners: list[object] = []
+
+    async def endless():  # type: ignore[no-untyped-def]
+        nonlocal taken
+        n = 0
+        while True:
+            await anyio.lowlevel.checkpoint()
+            taken += 1
+            yield n
+            n += 1
+
+    def progress(report: pipeflow.RunReport) -> None:
+        if report.items_written >= 100 and runners:
+            runners[0].request_stop()  # type: ignore[attr-defined]
+
+    async def ident(n: int) -> int:
+        return n
+
+    sink = pipeflow.ListSink()
+    pipeline = Pipeline([Stage(ident, kind="async", workers=4)], sink=sink)
+    with anyio.fail_after(30):
+        report = await pipeline.run(endless(), progress=progress, runner_ready=runners.append)
+    assert report.status == "interrupted"
+    assert sink.items == list(range(taken)), "an item taken from the source was dropped"

@@ -28,6 +28,7 @@ from ._errors import ConfigError, PipeflowError, PipelineError
 from ._graph import draw
 from ._log import configure_logging, logger
 from ._pipeline import Pipeline
+from ._pools import abandoned_threads
 from ._report import RunReport
 from ._runner import Runner
 
@@ -273,4 +274,13 @@ def main() -> None:
     # once; during a run, `_run`'s receiver replaces these handlers with a graceful stop.
     for signum in _SIGNAL_EXIT:
         signal.signal(signum, _exit_on_signal)
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if abandoned_threads():
+            # a thread stuck past its timeout may never return, and the interpreter would
+            # wait for it at exit: flush what we wrote and end the process now
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(done.code if isinstance(done.code, int) else 1)
+        raise

@@ -21,6 +21,7 @@ import itertools
 import math
 import os
 import random
+import threading
 import time
 import traceback
 import uuid
@@ -63,9 +64,11 @@ SOURCE_MAX_BATCH = 16384
 FLUSH_INTERVAL_S = 0.05
 # `batch: auto` aims for executor calls this long: long enough to hide the call's
 # overhead (~100 µs for a process pool), short enough to keep results flowing.
-TARGET_CALL_S = {"process": 0.02, "executor": 0.05, "thread": 0.002, "async": 0.0}
-MAX_CHUNK = {"process": 16384, "executor": 16384, "thread": 1024, "async": 1}
+TARGET_CALL_S = {"process": 0.02, "executor": 0.05, "dask": 0.05, "thread": 0.002, "async": 0.0}
+MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 1}
 PROGRESS_INTERVAL_S = 0.2
+# How long a stopping run waits for a source blocked on its next item before cancelling it.
+STOP_GRACE_S = 2.0
 
 
 class Batch(NamedTuple):
@@ -114,13 +117,14 @@ async def _send(send: MemoryObjectSendStream[Any], item: Any, report: StageRepor
             report.blocked_s += time.perf_counter() - started
 
 
-def _pull(iterator: Iterator[Any], size: int, interval: float) -> list[Any]:
-    """Up to `size` items; fewer if the source is slow (`interval` after the first item)."""
+def _pull(iterator: Iterator[Any], size: int, interval: float, stop: threading.Event) -> list[Any]:
+    """Up to `size` items; fewer if the source is slow (`interval` after the first item)
+    or the run is stopping (what was taken is still delivered)."""
     values: list[Any] = []
     deadline = 0.0
     for value in iterator:
         values.append(value)
-        if len(values) >= size:
+        if len(values) >= size or stop.is_set():
             break
         if len(values) == 1:
             deadline = time.monotonic() + interval
@@ -181,7 +185,8 @@ class StageRun:
         )
         self.sizer = _ChunkSizer(fixed, self.kind)
         # a process pool is kept busy by one call queued behind each running one
-        self.in_flight = self.workers * 2 if self.kind in ("process", "executor") else self.workers
+        remote = self.kind in ("process", "executor", "dask")
+        self.in_flight = self.workers * 2 if remote else self.workers
         self.limiter = anyio.Semaphore(self.in_flight)
         self.report = StageReport(
             name=self.name, kind=self.kind, workers=self.workers, queue_size=stage.queue_size
@@ -664,9 +669,10 @@ class Runner:
             self.stages.append(StageRun(self, stage, pool, f"{run_id}:{stage.name}"))
         self.report = RunReport(name=pipeline.name, stages=[s.report for s in self.stages])
         self._dead_letters: MemoryObjectSendStream[dict[str, Any]] | None = None
+        # request_stop() sets both: the source stops between two items and delivers
+        # what it holds; closing its queue then lets the stages drain what they hold
         self._stop = anyio.Event()
-        # cancelled by request_stop(): the source stops at once, even mid-pull or blocked
-        # on a full queue, and closing its queue lets the stages drain what they hold
+        self._stop_pulling = threading.Event()
         self._source_scope = anyio.CancelScope()
 
     # --- hooks the stages call ---
@@ -694,6 +700,13 @@ class Runner:
     def request_stop(self) -> None:
         """Stop pulling the source; items already taken are finished and written."""
         self._stop.set()
+        self._stop_pulling.set()
+
+    async def _enforce_stop(self) -> None:
+        # A source blocked on its next item (a socket, a slow generator) can't be asked to
+        # stop: after a grace period it is cancelled, and what it was pulling is dropped.
+        await self._stop.wait()
+        await anyio.sleep(STOP_GRACE_S)
         self._source_scope.cancel()
 
     # --- the run itself ---
@@ -709,6 +722,7 @@ class Runner:
             async with anyio.create_task_group() as outer:
                 if self.progress is not None:
                     outer.start_soon(self._report_progress)
+                outer.start_soon(self._enforce_stop)
                 try:
                     await self._run_tasks()
                 finally:
@@ -825,11 +839,16 @@ class Runner:
             raise _error_of("source", None, None, error) from error
 
     def _max_source_batch(self) -> int:
-        # a fixed batch on the first stage also bounds the source's batches, so that
-        # `batch: 1, queue_size: N` bounds the items taken ahead of the stage to about N
-        if self.stages and self.stages[0].sizer.fixed is not None:
-            return self.stages[0].sizer.fixed
-        return SOURCE_MAX_BATCH
+        # Source batches are as big as the first stage can use at once: big for cheap
+        # items, small for costly ones, so that the items read ahead of the work (and
+        # left to finish when a run is stopped) stay few. A fixed batch bounds them too:
+        # `batch: 1, queue_size: N` bounds the items taken ahead of the stage to about N.
+        if not self.stages:
+            return SOURCE_MAX_BATCH
+        first = self.stages[0]
+        if first.sizer.fixed is not None:
+            return first.sizer.fixed
+        return max(1, min(SOURCE_MAX_BATCH, first.sizer.size * first.workers))
 
     async def _deliver(
         self, send: MemoryObjectSendStream[Batch], values: list[Any], first: StageReport | None
@@ -846,21 +865,21 @@ class Runner:
     ) -> None:
         in_memory = isinstance(source, range | list | tuple)
         iterator = iter(source)
-        limit = self._max_source_batch()
         size = 1
+        stop = self._stop_pulling
         try:
-            while True:
+            while not stop.is_set():
                 if in_memory:
                     values = list(itertools.islice(iterator, size))
                 else:
                     # a generator may block (files, sockets): pull it in a worker thread
                     values = await anyio.to_thread.run_sync(
-                        _pull, iterator, size, FLUSH_INTERVAL_S, abandon_on_cancel=True
+                        _pull, iterator, size, FLUSH_INTERVAL_S, stop, abandon_on_cancel=True
                     )
                 if not values:
                     return
                 await self._deliver(send, values, first)
-                size = min(size * 2, limit)
+                size = min(size * 2, self._max_source_batch())
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
@@ -873,8 +892,9 @@ class Runner:
         send: MemoryObjectSendStream[Batch],
         first: StageReport | None,
     ) -> None:
-        limit = self._max_source_batch()
-        items_send, items_recv = anyio.create_memory_object_stream[Any](limit)
+        # unbuffered: an item the puller holds is either delivered or never taken from
+        # the source (a stopping run drains the puller's pending send below)
+        items_send, items_recv = anyio.create_memory_object_stream[Any](0)
 
         async def pull() -> None:
             iterator = aiter(source)
@@ -893,12 +913,14 @@ class Runner:
             size = 1
             ended = False
             while not ended:
+                # while this waits, the puller waits inside the source: cancelling it at
+                # the end of a stop's grace period takes no item from the source
                 try:
                     values = [await items_recv.receive()]
                 except anyio.EndOfStream:
                     return
                 deadline = anyio.current_time() + FLUSH_INTERVAL_S
-                while len(values) < size:
+                while len(values) < size and not self._stop.is_set():
                     try:
                         values.append(items_recv.receive_nowait())
                         continue
@@ -916,8 +938,13 @@ class Runner:
                         except anyio.EndOfStream:
                             ended = True
                             break
+                if self._stop.is_set():
+                    with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
+                        values.append(items_recv.receive_nowait())
+                    ended = True
                 await self._deliver(send, values, first)
-                size = min(size * 2, limit)
+                size = min(size * 2, self._max_source_batch())
+            tg.cancel_scope.cancel()  # stopping: the puller waits inside the source
 
     # --- sink ---
 

@@ -1,0 +1,98 @@
+"""Ctrl-C and SIGTERM on a real `pipeflow run` with process workers and a file sink."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from test_cli import child_env, wait_for_line
+
+TESTS = Path(__file__).parent
+
+
+def start_long_run(out: Path, report: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeflow",
+            "run",
+            "cli_configs/long_process.yaml",
+            "--report",
+            str(report),
+            "--log-format",
+            "json",
+        ],
+        cwd=TESTS,
+        env=child_env(PIPEFLOW_TEST_OUT=str(out)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )
+
+
+def wait_for_output(path: Path) -> None:
+    """Until the sink has written at least one line (the run is well under way)."""
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.stat().st_size > 0):
+        assert time.monotonic() < deadline, "the run wrote nothing"
+        time.sleep(0.05)
+
+
+def assert_clean_end(path: Path, children: list[psutil.Process], errors: str) -> None:
+    lines = path.read_text().splitlines()
+    assert lines, "nothing was written"
+    for line in lines:
+        json.loads(line)  # every line is complete JSON
+    assert path.read_text().endswith("\n")
+    _, alive = psutil.wait_procs(children, timeout=2)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"
+    assert "resource_tracker" not in errors and "leaked" not in errors
+    assert "Traceback" not in errors
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_to_the_process_group_stops_within_5s_and_loses_nothing(tmp_path: Path) -> None:
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
+    with start_long_run(out, report) as process:
+        assert process.stderr is not None
+        wait_for_line(process.stderr, "run_start")
+        wait_for_output(out)
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) >= 2
+        sent = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, errors = process.communicate(timeout=30)
+        took = time.monotonic() - sent
+    assert process.returncode == 130, errors
+    assert took < 5, f"took {took:.1f}s to stop"
+    data = json.loads(report.read_text())
+    assert data["status"] == "interrupted"
+    assert data["items_written"] == data["items_read"] == len(out.read_text().splitlines())
+    assert_clean_end(out, children, errors)
+
+
+@pytest.mark.timeout(60)
+def test_a_second_signal_cancels_at_once_and_still_leaves_whole_lines(tmp_path: Path) -> None:
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
+    with start_long_run(out, report) as process:
+        assert process.stderr is not None
+        wait_for_line(process.stderr, "run_start")
+        wait_for_output(out)
+        children = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        wait_for_line(process.stderr, "stopping")
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=30)
+    assert process.returncode == 143, errors
+    assert json.loads(report.read_text())["status"] in ("cancelled", "interrupted")
+    assert_clean_end(out, children, errors)
