@@ -96,3 +96,20 @@ def test_a_second_signal_cancels_at_once_and_still_leaves_whole_lines(tmp_path: 
     assert process.returncode == 143, errors
     assert json.loads(report.read_text())["status"] in ("cancelled", "interrupted")
     assert_clean_end(out, children, errors)
+
+
+@pytest.mark.timeout(60)
+def test_a_thread_stuck_past_its_timeout_does_not_keep_the_command_alive() -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeflow", "run", "cli_configs/hung_thread.yaml", "--quiet"],
+        cwd=TESTS,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [int(line) for line in done.stdout.split()] == [n for n in range(20) if n != 5]
+    assert time.monotonic() - started < 15
+    assert "thread_abandoned" in done.stderr and "item_error" in done.stderr
