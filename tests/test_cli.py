@@ -209,7 +209,7 @@ def test_a_signal_stops_gracefully(tmp_path: Path, signum: int, code: int) -> No
     report = tmp_path / "report.json"
     with start(
         "run",
-        "cli_configs/slow.yaml",
+        "cli_configs/slow_stdout.yaml",
         "--report",
         report,
         "--log-format",
@@ -217,7 +217,8 @@ def test_a_signal_stops_gracefully(tmp_path: Path, signum: int, code: int) -> No
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     ) as process:
-        wait_for_line(process.stderr, "run_start")
+        assert process.stdout is not None
+        process.stdout.readline()  # the first item is through: the run is under way
         process.send_signal(signum)
         _, errors = process.communicate(timeout=50)
     assert process.returncode == code, errors
@@ -232,7 +233,7 @@ def test_a_second_signal_cancels_at_once(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     with start(
         "run",
-        "cli_configs/slow.yaml",
+        "cli_configs/slow_stdout.yaml",
         "--report",
         report,
         "--log-format",
@@ -240,7 +241,8 @@ def test_a_second_signal_cancels_at_once(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     ) as process:
-        wait_for_line(process.stderr, "run_start")
+        assert process.stdout is not None
+        process.stdout.readline()  # the first item is through: the run is under way
         process.send_signal(signal.SIGINT)
         wait_for_line(process.stderr, "stopping")
         process.send_signal(signal.SIGINT)
