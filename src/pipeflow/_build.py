@@ -39,13 +39,19 @@ def build_pipeline(
         file_name: The config file, whose stem names an unnamed pipeline.
         add: Reports a problem at a data path.
     """
-    executors = {name: _executor(executor) for name, executor in spec.executors.items()}
+    executors: dict[str, Pool | concurrent.futures.Executor] = {}
+    for name, executor_spec in spec.executors.items():
+        try:
+            executors[name] = _executor(executor_spec)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                add(("executors", name), problem)
     stages: list[Stage] = []
     for index, stage_spec in enumerate(spec.stages):
         stage = _stage(stage_spec, resolved, spec.executors, ("stages", index), add)
         if stage is not None:
             stages.append(stage)
-    if len(stages) < len(spec.stages):
+    if len(stages) < len(spec.stages) or len(executors) < len(spec.executors):
         return None
     try:
         return Pipeline(
@@ -65,12 +71,14 @@ def build_pipeline(
 
 
 def _executor(spec: ExecutorSpec) -> Pool | concurrent.futures.Executor:
-    # A `dask` kind would return its cluster client's executor here (any Executor works).
     return Pool(
         kind=spec.kind,
         workers=spec.workers,
         start_method=spec.start_method,
         max_tasks_per_child=spec.max_tasks_per_child,
+        threads_per_worker=spec.threads_per_worker,
+        address=spec.address,
+        dashboard=spec.dashboard,
     )
 
 

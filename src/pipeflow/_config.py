@@ -361,8 +361,9 @@ class _Loader:
 
     def _check_stage(self, path: DataPath, raw: dict[str, Any], executors: dict[str, Any]) -> None:
         executor = executors.get(raw.get("executor"))  # type: ignore[arg-type]
-        in_process = raw.get("kind") == "process" or (
-            isinstance(executor, dict) and executor.get("kind") == "process"
+        remote = ("process", "dask")
+        in_process = raw.get("kind") in remote or (
+            isinstance(executor, dict) and executor.get("kind") in remote
         )
         for key in ("fn", "setup", "teardown"):
             ref = raw.get(key)

@@ -3,7 +3,8 @@
 A pool the pipeline creates is started (its workers spawned) before the first item, so
 its start-up cost is measured apart from the work, and shut down when the run ends; on a
 failed or cancelled run its processes are killed rather than waited for. A pool the caller
-passes in is used as it is and never shut down.
+passes in is used as it is and never shut down. A `dask` pool is a client of a Dask
+cluster (see `_dask`): the run closes the client, and the cluster if it started it.
 
 A process pool whose worker dies is broken for good (every pending call fails), so a
 run replaces it: each replacement is a new *generation*. A call knows the generation it
@@ -28,7 +29,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from . import _worker
+from . import _dask, _worker
 from ._errors import PipeflowError
 from ._stage import Pool
 
@@ -136,7 +137,8 @@ class PoolHandle:
         if executor is None:
             assert spec is not None
             self.kind = spec.kind
-            self.workers = spec.workers
+            # a Dask worker runs a call in each of its threads
+            self.workers = spec.workers * (spec.threads_per_worker if spec.kind == "dask" else 1)
         elif isinstance(executor, concurrent.futures.ThreadPoolExecutor):
             self.kind, self.workers = "thread", executor._max_workers
         elif isinstance(executor, concurrent.futures.ProcessPoolExecutor):
@@ -159,8 +161,12 @@ class PoolHandle:
 
     @property
     def can_rebuild(self) -> bool:
-        """Whether a broken pool can be replaced (only process pools the run created)."""
-        return self.owned and self.kind == "process"
+        """Whether a broken pool can be replaced (only process pools and local Dask
+        clusters the run created)."""
+        return self.owned and (
+            self.kind == "process"
+            or (self.kind == "dask" and self.spec is not None and self.spec.address == "local")
+        )
 
     async def replace(self, generation: int, *, kill: bool) -> tuple[bool, str]:
         """Replace generation `generation` of the pool, once, however many calls ask.
@@ -208,6 +214,8 @@ class PoolHandle:
 
     def _create(self) -> concurrent.futures.Executor:
         assert self.spec is not None
+        if self.spec.kind == "dask":
+            return _dask.start(self.name, self.spec)
         if self.spec.kind == "thread":
             return concurrent.futures.ThreadPoolExecutor(
                 self.spec.workers, thread_name_prefix=f"pipeflow-{self.name}"
@@ -230,6 +238,8 @@ class PoolHandle:
 
     def pids(self) -> list[int]:
         """The process ids of the pool's live worker processes (none for threads)."""
+        if isinstance(self.executor, _dask.DaskExecutor):
+            return self.executor.pids()
         processes = getattr(self.executor, "_processes", None) or {}
         return [p.pid for p in list(processes.values()) if p.pid is not None]
 
@@ -264,6 +274,8 @@ class PoolHandle:
             # threads cannot be killed: don't wait for calls that may never return
             executor.shutdown(wait=False, cancel_futures=True)
             return
+        if kill and isinstance(executor, _dask.DaskExecutor):
+            executor.kill_workers()
         if kill and self.kind == "process":
             processes = getattr(executor, "_processes", None) or {}
             for process in list(processes.values()):

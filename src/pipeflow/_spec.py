@@ -39,8 +39,8 @@ __all__ = [
 ]
 
 # An executor kind is added here and in `_config._build_executor` (a `dask` kind, say).
-ExecutorKind = Literal["thread", "process"]
-EXECUTOR_KINDS: tuple[str, ...] = ("thread", "process")
+ExecutorKind = Literal["thread", "process", "dask"]
+EXECUTOR_KINDS: tuple[str, ...] = ("thread", "process", "dask")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
@@ -142,7 +142,7 @@ class StageSpec(_Spec):
 
     name: str | None = Field(None, description="unique; defaults to the fn's name")
     fn: FnRef
-    kind: Literal["async", "thread", "process"] | None = Field(
+    kind: Literal["async", "thread", "process", "dask"] | None = Field(
         None, description="default: async for an async def, else thread"
     )
     executor: str | None = Field(None, description="a name from executors: (instead of kind)")
@@ -175,6 +175,14 @@ class ExecutorSpec(_Spec):
     workers: PositiveInt = _default(Pool, "workers")
     start_method: StartMethod | None = None
     max_tasks_per_child: PositiveInt | None = None
+    address: str = Field(
+        _default(Pool, "address"),
+        description="dask: local (a cluster the run starts) or tcp://host:8786",
+    )
+    threads_per_worker: PositiveInt = _default(Pool, "threads_per_worker")
+    dashboard: bool = Field(
+        _default(Pool, "dashboard"), description="dask, address local: serve the dashboard"
+    )
 
 
 class RangeSource(_Spec):

@@ -13,11 +13,11 @@ from ._errors import ConfigError
 
 __all__ = ["Kind", "Op", "OnError", "Pool", "Retry", "Stage"]
 
-Kind = Literal["async", "thread", "process"]
+Kind = Literal["async", "thread", "process", "dask"]
 Op = Literal["map", "filter", "flat_map", "map_batch"]
 OnError = Literal["fail", "skip", "dead_letter"]
 
-KINDS: tuple[str, ...] = ("async", "thread", "process")
+KINDS: tuple[str, ...] = ("async", "thread", "process", "dask")
 OPS: tuple[str, ...] = ("map", "filter", "flat_map", "map_batch")
 ON_ERROR: tuple[str, ...] = ("fail", "skip", "dead_letter")
 
@@ -57,23 +57,56 @@ class Pool:
     """A pool of workers that a pipeline creates, and that several stages may share.
 
     Args:
-        kind: `thread` or `process`.
-        workers: The number of threads or processes.
+        kind: `thread`, `process` or `dask` (needs the `pipeflow[dask]` extra).
+        workers: The number of threads or processes; for `dask`, of Dask worker
+            processes to start (`address: local`) or to expect (an existing scheduler).
         start_method: For process pools: `forkserver` (default where available), `spawn`
             or `fork` (unsafe in a process that runs threads).
         max_tasks_per_child: For process pools: replace a worker after this many calls.
+        threads_per_worker: For dask: threads in each Dask worker process.
+        address: For dask: `local` starts a `distributed.LocalCluster` on 127.0.0.1 that
+            the run owns and closes; `tcp://host:8786` (or `tls://...`) uses an existing
+            scheduler, which the run never shuts down.
+        security: For dask: a `distributed.Security`, a mapping of its arguments
+            (`tls_ca_file`, `tls_client_cert`, ...), or True for temporary self-signed
+            credentials (`address: local` only).
+        dashboard: For dask with `address: local`: serve the scheduler's dashboard on
+            127.0.0.1:8787 (off by default).
     """
 
-    kind: Literal["thread", "process"] = "process"
+    kind: Literal["thread", "process", "dask"] = "process"
     workers: int = 4
     start_method: str | None = None
     max_tasks_per_child: int | None = None
+    threads_per_worker: int = 1
+    address: str = "local"
+    security: Any = None
+    dashboard: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in ("thread", "process"):
-            raise ConfigError(f"a pool's kind must be 'thread' or 'process', got {self.kind!r}")
+        if self.kind not in ("thread", "process", "dask"):
+            raise ConfigError(
+                f"a pool's kind must be 'thread', 'process' or 'dask', got {self.kind!r}"
+            )
         if self.workers < 1:
             raise ConfigError(f"a pool needs at least 1 worker, got {self.workers}")
+        if not isinstance(self.threads_per_worker, int) or self.threads_per_worker < 1:
+            raise ConfigError(
+                f"threads_per_worker must be a positive int, got {self.threads_per_worker!r}"
+            )
+        if self.address != "local" and "://" not in self.address:
+            raise ConfigError(
+                f"address must be 'local' or a scheduler address such as "
+                f"tcp://host:8786, got {self.address!r}"
+            )
+        if self.kind != "dask" and (
+            self.address != "local" or self.security is not None or self.dashboard
+        ):
+            raise ConfigError("address, security and dashboard are options of kind: dask")
+        if self.dashboard and self.address != "local":
+            raise ConfigError(
+                "dashboard applies to address: local; an existing scheduler serves its own"
+            )
         if self.start_method not in (None, "forkserver", "spawn", "fork"):
             raise ConfigError(
                 f"start_method must be forkserver, spawn or fork, got {self.start_method!r}"
@@ -103,7 +136,9 @@ class Stage:
             item -> iterable of results; `map_batch`: list of items -> list of results.
             With `setup`, it is called as `fn(item, state)`.
         name: Unique within the pipeline; defaults to the callable's name.
-        kind: `async` (coroutines on the event loop), `thread` or `process`.
+        kind: `async` (coroutines on the event loop), `thread`, `process`, or `dask` (a
+            private `distributed.LocalCluster` of `workers` processes; share a `Pool` to
+            reach an existing scheduler).
         workers: Pool size, or concurrent tasks for `async`. Ignored with `executor`.
         op: `map`, `filter`, `flat_map` or `map_batch`.
         ordered: Emit results in input order (through a bounded reorder window).

@@ -86,6 +86,13 @@ def init_process_worker(sys_path: list[str]) -> None:
             sys.path.insert(0, entry)
 
 
+def mark_process_worker() -> None:
+    """Run chunks in this process as a process worker does (in a Dask worker, say):
+    callables cached process-wide, exceptions checked to pickle, tracebacks as text."""
+    global _in_process_worker
+    _in_process_worker = True
+
+
 def _load(obj: Any) -> Any:
     return cloudpickle.loads(obj) if isinstance(obj, bytes) else obj
 
