@@ -64,7 +64,7 @@ SOURCE_MAX_BATCH = 16384
 FLUSH_INTERVAL_S = 0.05
 # `batch: auto` aims for executor calls this long: long enough to hide the call's
 # overhead (~100 µs for a process pool), short enough to keep results flowing.
-TARGET_CALL_S = {"process": 0.02, "executor": 0.05, "dask": 0.05, "thread": 0.002, "async": 0.0}
+TARGET_CALL_S = {"process": 0.02, "executor": 0.05, "dask": 0.05, "thread": 0.02, "async": 0.0}
 MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 1}
 PROGRESS_INTERVAL_S = 0.2
 # How long a stopping run waits for a source blocked on its next item before cancelling it.
@@ -76,16 +76,6 @@ class Batch(NamedTuple):
 
     indices: Sequence[int]
     values: list[Any]
-
-
-class _Slot:
-    """A chunk's place in the ordered output: filled when the chunk is done."""
-
-    __slots__ = ("done", "output")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.output: Batch | None = None
 
 
 class _ChunkSizer:
@@ -187,7 +177,9 @@ class StageRun:
         # a process pool is kept busy by one call queued behind each running one
         remote = self.kind in ("process", "executor", "dask")
         self.in_flight = self.workers * 2 if remote else self.workers
-        self.limiter = anyio.Semaphore(self.in_flight)
+        # asyncio's own primitives on the per-chunk path: anyio's look up the running
+        # backend on every call, which costs more than the rest of a thread-pool call
+        self.limiter = asyncio.Semaphore(self.in_flight)
         self.report = StageReport(
             name=self.name, kind=self.kind, workers=self.workers, queue_size=stage.queue_size
         )
@@ -257,30 +249,34 @@ class StageRun:
         out: MemoryObjectSendStream[Batch],
     ) -> None:
         # Pending slots are bounded: a slow head chunk holds back at most this many others.
-        slots_send, slots_recv = anyio.create_memory_object_stream[_Slot](self.in_flight * 2)
+        slots_send, slots_recv = anyio.create_memory_object_stream[asyncio.Future[Batch]](
+            self.in_flight * 2
+        )
         tg.start_soon(self._emit_in_order, slots_recv, out)
+        loop = asyncio.get_running_loop()
         async with slots_send:
             async for chunk in self._chunks(recv):
                 await self.limiter.acquire()
-                slot = _Slot()
+                slot: asyncio.Future[Batch] = loop.create_future()
                 await slots_send.send(slot)
                 tg.start_soon(self._fill_slot, chunk, slot)
 
-    async def _fill_slot(self, chunk: Batch, slot: _Slot) -> None:
+    async def _fill_slot(self, chunk: Batch, slot: asyncio.Future[Batch]) -> None:
         try:
-            slot.output = await self.process(chunk)
+            output = await self.process(chunk)
         finally:
             self.limiter.release()
-        slot.done.set()
+        slot.set_result(output)
 
     async def _emit_in_order(
-        self, slots: MemoryObjectReceiveStream[_Slot], out: MemoryObjectSendStream[Batch]
+        self,
+        slots: MemoryObjectReceiveStream[asyncio.Future[Batch]],
+        out: MemoryObjectSendStream[Batch],
     ) -> None:
         async with slots:
             async for slot in slots:
-                await slot.done.wait()
-                output = slot.output
-                if output is not None and output.values:
+                output = await slot
+                if output.values:
                     await _send(out, output, self.report)
 
     async def _dispatch_unordered(
