@@ -274,6 +274,12 @@ def main() -> None:
     # once; during a run, `_run`'s receiver replaces these handlers with a graceful stop.
     for signum in _SIGNAL_EXIT:
         signal.signal(signum, _exit_on_signal)
+    # spawn and forkserver workers re-run the parent's main module before their first
+    # item; here that is this command (typer, rich, pydantic: ~0.3 s a worker), which no
+    # worker needs, since the stage callables come from the config's modules
+    main_module = sys.modules["__main__"]
+    main_module.__spec__ = None
+    vars(main_module).pop("__file__", None)
     try:
         app()
     except SystemExit as done:
