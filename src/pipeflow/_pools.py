@@ -15,6 +15,7 @@ crash while one runs convicts exactly that call.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import multiprocessing
@@ -54,47 +55,59 @@ class CrashLoop(PipeflowError):
 
 class CallGate:
     """Calls share the pool, except a call that must run alone: it waits for the others
-    to finish, and new calls wait for it."""
+    to finish, and new calls wait for it.
+
+    Every check and update happens on the event loop between two awaits, so no lock is
+    needed, and a shared call with nobody waiting to run alone costs two integer updates.
+    """
 
     def __init__(self) -> None:
-        self._condition = anyio.Condition()
         self._active = 0
         self._alone = False
         self._waiting_alone = 0
+        self._changed: asyncio.Event | None = None
+
+    async def _wait_for_change(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
 
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
         """Hold the pool together with other shared calls."""
-        async with self._condition:
-            while self._alone or self._waiting_alone:
-                await self._condition.wait()
-            self._active += 1
+        while self._alone or self._waiting_alone:
+            await self._wait_for_change()
+        self._active += 1
         try:
             yield
         finally:
-            with anyio.CancelScope(shield=True):
-                async with self._condition:
-                    self._active -= 1
-                    self._condition.notify_all()
+            self._active -= 1
+            if self._waiting_alone and not self._active:
+                self._notify()
 
     @asynccontextmanager
     async def alone(self) -> AsyncIterator[None]:
         """Hold the pool with no other call running."""
-        async with self._condition:
-            self._waiting_alone += 1
-            try:
-                while self._alone or self._active:
-                    await self._condition.wait()
-            finally:
-                self._waiting_alone -= 1
-            self._alone = True
+        self._waiting_alone += 1
+        try:
+            while self._alone or self._active:
+                await self._wait_for_change()
+        except BaseException:
+            self._waiting_alone -= 1
+            self._notify()  # shared calls held back for this one may go on
+            raise
+        self._waiting_alone -= 1
+        self._alone = True
         try:
             yield
         finally:
-            with anyio.CancelScope(shield=True):
-                async with self._condition:
-                    self._alone = False
-                    self._condition.notify_all()
+            self._alone = False
+            self._notify()
 
 
 def default_start_method() -> str:

@@ -558,7 +558,12 @@ class StageRun:
                         raise _ChunkCallError(WorkerCrashed(self._lent_pool_broken())) from None
                     await pool.replace(generation, kill=False)
                     continue  # the pool was already broken: this call never ran
-                with anyio.move_on_after(timeout if timeout is not None else math.inf) as scope:
+                deadline = (
+                    anyio.move_on_after(timeout)
+                    if timeout is not None
+                    else contextlib.nullcontext()
+                )
+                with deadline as scope:
                     try:
                         return await future
                     except BrokenProcessPool:
@@ -572,7 +577,7 @@ class StageRun:
                         raise
                     except Exception as exc:  # the call itself failed: pickling, mostly
                         raise _ChunkCallError(exc) from None
-                assert scope.cancelled_caught
+                assert scope is not None and scope.cancelled_caught
                 # timed out: a process can be killed (the pool is replaced and the other
                 # calls in it run again); a thread cannot, it is abandoned
                 if pool.can_rebuild:
