@@ -15,6 +15,7 @@ exit path.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import itertools
@@ -67,6 +68,7 @@ FLUSH_INTERVAL_S = 0.05
 TARGET_CALL_S = {"process": 0.02, "executor": 0.05, "dask": 0.05, "thread": 0.02, "async": 0.0}
 MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 1}
 PROGRESS_INTERVAL_S = 0.2
+SAMPLE_CALLS = 16
 # How long a stopping run waits for a source blocked on its next item before cancelling it.
 STOP_GRACE_S = 2.0
 
@@ -187,6 +189,9 @@ class StageRun:
         self.random = random.Random()
         self.call: StageCall | None = None
         self.async_state: Any = None
+        # set to a list (the bench does) to keep the items and results of the first
+        # SAMPLE_CALLS calls, from which their pickling cost is estimated after the run
+        self.samples: list[tuple[list[Any], list[Any]]] | None = None
         if pool is not None:
             self.call = self._stage_call(key)
 
@@ -249,17 +254,36 @@ class StageRun:
         out: MemoryObjectSendStream[Batch],
     ) -> None:
         # Pending slots are bounded: a slow head chunk holds back at most this many others.
-        slots_send, slots_recv = anyio.create_memory_object_stream[asyncio.Future[Batch]](
-            self.in_flight * 2
-        )
+        slots_send, slots_recv = anyio.create_memory_object_stream[
+            asyncio.Future[Batch] | _DirectCall
+        ](self.in_flight * 2)
         tg.start_soon(self._emit_in_order, slots_recv, out)
         loop = asyncio.get_running_loop()
+        direct = self._direct_executor()
+        stage_call = self.call
         async with slots_send:
             async for chunk in self._chunks(recv):
                 await self.limiter.acquire()
+                if direct is not None and stage_call is not None:
+                    # no task per chunk: the emitter awaits the executor's own future
+                    call = loop.run_in_executor(direct, _worker.run_chunk, stage_call, chunk.values)
+                    call.add_done_callback(self._release)
+                    await slots_send.send(_DirectCall(chunk, call))
+                    continue
                 slot: asyncio.Future[Batch] = loop.create_future()
                 await slots_send.send(slot)
                 tg.start_soon(self._fill_slot, chunk, slot)
+
+    def _direct_executor(self) -> concurrent.futures.Executor | None:
+        """The executor an ordered stage may call straight from its dispatcher: a thread
+        pool (it never breaks) with no per-item timeout (which needs a task to enforce)."""
+        pool = self.pool
+        if pool is None or pool.kind != "thread" or self.stage.timeout is not None:
+            return None
+        return pool.executor
+
+    def _release(self, _: object) -> None:
+        self.limiter.release()
 
     async def _fill_slot(self, chunk: Batch, slot: asyncio.Future[Batch]) -> None:
         try:
@@ -270,12 +294,23 @@ class StageRun:
 
     async def _emit_in_order(
         self,
-        slots: MemoryObjectReceiveStream[asyncio.Future[Batch]],
+        slots: MemoryObjectReceiveStream[asyncio.Future[Batch] | _DirectCall],
         out: MemoryObjectSendStream[Batch],
     ) -> None:
         async with slots:
             async for slot in slots:
-                output = await slot
+                if isinstance(slot, _DirectCall):
+                    try:
+                        result = await slot.call
+                    except (anyio.get_cancelled_exc_class(), _worker.UnpicklableError):
+                        raise
+                    except Exception:  # the call failed as a whole: take the careful path
+                        output = await self.process(slot.chunk)
+                    else:
+                        self._account(len(slot.chunk.values), result)
+                        output = await self.settle(slot.chunk, result)
+                else:
+                    output = await slot
                 if output.values:
                     await _send(out, output, self.report)
 
@@ -340,7 +375,10 @@ class StageRun:
 
     async def process(self, chunk: Batch) -> Batch:
         """Run one chunk, retrying and settling failures; return its results in order."""
-        result = await self._call_isolating(chunk.values)
+        return await self.settle(chunk, await self._call_isolating(chunk.values))
+
+    async def settle(self, chunk: Batch, result: ChunkResult) -> Batch:
+        """A chunk's results in order, once its failures are retried or settled."""
         if not result.failures:
             return self._outputs_fast(chunk, result)
         by_position: dict[int, list[Any]] = {}
@@ -500,12 +538,17 @@ class StageRun:
                 return self._failed_chunk(exc.error)
             singles = [await self._call_isolating([value], suspect=suspect) for value in values]
             return self._merge(singles, range(len(values)))
+        if self.samples is not None and len(self.samples) < SAMPLE_CALLS:
+            self.samples.append((values, result.outputs))
+        self._account(len(values), result)
+        return result
+
+    def _account(self, items: int, result: ChunkResult) -> None:
         self.report.calls += 1
         self.report.busy_s += result.busy_s
         by_worker = self.report.by_worker
-        by_worker[result.worker] = by_worker.get(result.worker, 0) + len(values)
-        self.sizer.observe(len(values), result.busy_s)
-        return result
+        by_worker[result.worker] = by_worker.get(result.worker, 0) + items
+        self.sizer.observe(items, result.busy_s)
 
     def _failed_chunk(self, exc: BaseException) -> ChunkResult:
         collector = Collector(self.stage.op)
@@ -563,20 +606,24 @@ class StageRun:
                     if timeout is not None
                     else contextlib.nullcontext()
                 )
+                broken = False
                 with deadline as scope:
                     try:
                         return await future
                     except BrokenProcessPool:
                         if not pool.can_rebuild:
                             raise _ChunkCallError(WorkerCrashed(self._lent_pool_broken())) from None
-                        intentional, cause = await pool.replace(generation, kill=False)
-                        if intentional:
-                            continue  # we killed that pool ourselves, over another call
-                        raise _Crashed(cause) from None
+                        broken = True
                     except (anyio.get_cancelled_exc_class(), _worker.UnpicklableError):
                         raise
                     except Exception as exc:  # the call itself failed: pickling, mostly
                         raise _ChunkCallError(exc) from None
+                if broken:
+                    # outside the deadline: waiting for a new pool is not the item's time
+                    intentional, cause = await pool.replace(generation, kill=False)
+                    if intentional:
+                        continue  # we killed that pool ourselves, over another call
+                    raise _Crashed(cause) from None
                 assert scope is not None and scope.cancelled_caught
                 # timed out: a process can be killed (the pool is replaced and the other
                 # calls in it run again); a thread cannot, it is abandoned
@@ -627,6 +674,13 @@ class StageRun:
             except Exception as exc:
                 collector.fail(position, exc)
         return collector.result(started)
+
+
+class _DirectCall(NamedTuple):
+    """A chunk whose executor call the dispatcher made itself (see _direct_executor)."""
+
+    chunk: Batch
+    call: asyncio.Future[ChunkResult]
 
 
 class _ChunkCallError(Exception):
