@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeflow import ListSink, Pipeline, Stage
+from pipeflow import ListSink, Pipeline, PipelineError, Stage
 
 
 class FailOn:
@@ -37,7 +37,7 @@ stage_specs = st.fixed_dictionaries(
         "batch": st.one_of(st.just("auto"), st.integers(1, 50)),
         "ordered": st.booleans(),
         "queue_size": st.integers(1, 4),
-        "on_error": st.sampled_from(["skip", "dead_letter"]),
+        "on_error": st.sampled_from(["skip", "dead_letter", "dead_letter", "fail"]),
         "bad": st.frozensets(st.integers(0, 300), max_size=8),
     }
 )
@@ -50,7 +50,9 @@ stage_specs = st.fixed_dictionaries(
 )
 @given(specs=st.lists(stage_specs, min_size=1, max_size=3), count=st.integers(0, 300))
 @pytest.mark.timeout(300)
-def test_random_pipelines_account_for_every_item(specs: list[dict], count: int) -> None:  # type: ignore[type-arg]
+def test_random_pipelines_account_for_every_item_and_keep_order(
+    specs: list[dict], count: int
+) -> None:  # type: ignore[type-arg]
     stages = []
     for position, spec in enumerate(specs):
         fn_type = AsyncFailOn if spec["kind"] == "async" else FailOn
@@ -72,6 +74,21 @@ def test_random_pipelines_account_for_every_item(specs: list[dict], count: int) 
     async def run_it():  # type: ignore[no-untyped-def]
         with anyio.fail_after(60):  # a hang fails the example instead of stalling the suite
             return await pipeline.run(range(count))
+
+    failing = [
+        spec for spec in specs if spec["on_error"] == "fail" and any(n < count for n in spec["bad"])
+    ]
+    if failing:
+        # the run fails on some bad item; every item is still accounted for in its report
+        with pytest.raises(PipelineError) as caught:
+            anyio.run(run_it)
+        error = caught.value
+        bad_of_stage = {f"s{p}": spec["bad"] for p, spec in enumerate(specs)}
+        assert error.index in bad_of_stage[error.stage]
+        for stage in error.report.stages:  # type: ignore[attr-defined]
+            settled = stage.items_out + stage.skipped + stage.dead_lettered + stage.failed
+            assert stage.items_in == settled + stage.in_flight
+        return
 
     report = anyio.run(run_it)
 

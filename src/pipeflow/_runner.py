@@ -858,19 +858,26 @@ class Runner:
         sink_send, sink_recv = anyio.create_memory_object_stream[Batch](pipeline.sink_queue_size)
         sends.append(sink_send)
         recvs.append(sink_recv)
-        async with anyio.create_task_group() as tg:
-            dead_sink = pipeline.dead_letter
-            if dead_sink is not None:
-                dl_send, dl_recv = anyio.create_memory_object_stream[dict[str, Any]](64)
-                self._dead_letters = dl_send
-                tg.start_soon(self._write_dead_letters, dead_sink, dl_recv)
-            first = stages[0].report if stages else None
-            tg.start_soon(self._pump_source, sends[0], first)
-            for position, stage in enumerate(stages):
-                tg.start_soon(stage.run, recvs[position], sends[position + 1])
-            await self._drain_to_sink(recvs[-1])
-            if self._dead_letters is not None:
-                await self._dead_letters.aclose()
+        ends: list[MemoryObjectSendStream[Any] | MemoryObjectReceiveStream[Any]] = [*sends, *recvs]
+        try:
+            async with anyio.create_task_group() as tg:
+                dead_sink = pipeline.dead_letter
+                if dead_sink is not None:
+                    dl_send, dl_recv = anyio.create_memory_object_stream[dict[str, Any]](64)
+                    self._dead_letters = dl_send
+                    ends += [dl_send, dl_recv]
+                    tg.start_soon(self._write_dead_letters, dead_sink, dl_recv)
+                first = stages[0].report if stages else None
+                tg.start_soon(self._pump_source, sends[0], first)
+                for position, stage in enumerate(stages):
+                    tg.start_soon(stage.run, recvs[position], sends[position + 1])
+                await self._drain_to_sink(recvs[-1])
+                if self._dead_letters is not None:
+                    await self._dead_letters.aclose()
+        finally:
+            # each task closes its own ends, but a task cancelled before it started can't
+            for end in ends:
+                end.close()
 
     # --- source ---
 
