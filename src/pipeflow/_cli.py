@@ -22,6 +22,8 @@ import typer
 from rich.console import Console
 
 from . import __version__
+from ._bench import PointResult, parse_matrix, plan_bench, run_bench
+from ._bench_render import PlotUnavailable, check_plotting, print_bench, write_plot, write_results
 from ._config import load, schema
 from ._console import LiveProgress, print_failure, print_summary
 from ._errors import ConfigError, PipeflowError, PipelineError
@@ -88,13 +90,18 @@ def _usage_error(lines: list[str]) -> NoReturn:
     raise typer.Exit(EXIT_USAGE)
 
 
-def _load(config: str, sets: list[str] | None, app_dir: Path | None) -> Pipeline:
+def _overrides(sets: list[str] | None) -> dict[str, str]:
     overrides: dict[str, str] = {}
     for item in sets or []:
         path, equals, value = item.partition("=")
         if not equals or not path:
             _usage_error([f"--set {item}: write --set PATH=VALUE, e.g. stages.square.workers=8"])
         overrides[path.strip()] = value
+    return overrides
+
+
+def _load(config: str, sets: list[str] | None, app_dir: Path | None) -> Pipeline:
+    overrides = _overrides(sets)
     try:
         return load(config, overrides, app_dir=app_dir)
     except ConfigError as exc:
@@ -256,6 +263,76 @@ def graph(
     """Draw the pipeline: each stage's kind, workers, op and input queue bound."""
     pipeline = _load(config, sets, app_dir)
     sys.stdout.write(draw(pipeline, fmt.value))
+
+
+@app.command()
+def bench(
+    config: ConfigArg,
+    matrix: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--matrix",
+            "-m",
+            metavar="PATH=V1,V2,...",
+            help="Values to try at a config path (repeatable: every combination is run); "
+            "default: the config's bench: matrix.",
+        ),
+    ] = None,
+    repeat: Annotated[
+        int | None, typer.Option("--repeat", "-n", help="Timed runs per point [default: 3].")
+    ] = None,
+    warmup: Annotated[
+        int | None, typer.Option("--warmup", help="Untimed runs per point first [default: 1].")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the results as JSON (CSV if FILE ends .csv)."),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Chart throughput against workers (PNG).")
+    ] = None,
+    sets: SetOption = None,
+    app_dir: AppDirOption = None,
+) -> None:
+    """Run the pipeline once per point of a matrix, and say where the time goes.
+
+    Prints a table per point (wall time, items/s, pool start-up and shutdown, pickling,
+    CPU, peak RSS, the slowest stage) and a recommendation. Exits 0; 1 if a point failed
+    or the points' outputs differ; 2 for a bad config or --matrix.
+    """
+    configure_logging("console", logging.WARNING)
+    if plot is not None:
+        try:
+            check_plotting()
+        except PlotUnavailable as exc:
+            _usage_error([str(exc)])
+    fixed = _overrides(sets)
+    try:
+        plan = plan_bench(
+            config,
+            parse_matrix(matrix) if matrix else None,
+            sets=fixed,
+            repeat=repeat,
+            warmup=warmup,
+            app_dir=app_dir,
+        )
+    except ConfigError as exc:
+        _usage_error(exc.problems)
+    console = _stderr()
+
+    def show(point: PointResult, number: int, wall: float | None) -> None:
+        kind = "warm-up" if number <= plan.warmup else "run"
+        outcome = "failed" if wall is None else f"{wall:.3f}s"
+        console.print(f"{point.label}: {kind} {number}: {outcome}", highlight=False)
+
+    result = run_bench(plan, on_run=show)
+    print_bench(Console(highlight=False, width=None if sys.stdout.isatty() else 160), result)
+    if output is not None:
+        write_results(result, output)
+    if plot is not None:
+        write_plot(result, plot)
+    if result.failed or result.differing:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command("schema")

@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveInt,
     WithJsonSchema,
     model_validator,
@@ -28,6 +29,7 @@ from pydantic_core import PydanticCustomError
 from ._stage import Pool, Retry, Stage
 
 __all__ = [
+    "BenchSpec",
     "ConfigSpec",
     "EXECUTOR_KINDS",
     "ExecutorSpec",
@@ -268,6 +270,18 @@ class SinkSpec(_Spec):
         return self
 
 
+class BenchSpec(_Spec):
+    """`bench:`, what `pipeflow bench` runs when its command line gives no `--matrix`;
+    `pipeflow run` ignores it."""
+
+    matrix: dict[str, list[Any]] = Field(
+        default={},
+        description="config paths and the values to try: {stages.square.workers: [2, 4, 8]}",
+    )
+    repeat: PositiveInt = Field(3, description="timed runs per point")
+    warmup: NonNegativeInt = Field(1, description="untimed runs per point, before the timed ones")
+
+
 class ConfigSpec(_Spec):
     """A pipeflow config file, version 1."""
 
@@ -282,6 +296,7 @@ class ConfigSpec(_Spec):
     dead_letter: SinkSpec | None = None
     max_errors: int | None = Field(None, ge=0)
     max_error_rate: float | None = Field(None, ge=0, le=1)
+    bench: BenchSpec | None = None
 
 
 def schema() -> dict[str, Any]:
