@@ -75,7 +75,7 @@ def pipeflow_lines() -> list[list[str]]:
     """Each `pipeflow ...` command of the README's shell blocks, as arguments."""
     found = []
     for block in code_blocks("sh"):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             while "pipeflow" in words:
                 words = words[words.index("pipeflow") :]
