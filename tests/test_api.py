@@ -7,6 +7,7 @@ import pipeflow
 PUBLIC = {
     "CallableSink",
     "ConfigError",
+    "CrashLoop",
     "CsvSink",
     "ErrorBudgetExceeded",
     "ItemError",
@@ -17,6 +18,7 @@ PUBLIC = {
     "PipeflowError",
     "Pipeline",
     "PipelineError",
+    "PoolStartError",
     "Pool",
     "RemoteTraceback",
     "Retry",

@@ -137,3 +137,30 @@ async def test_an_error_in_the_consumer_of_a_stream_propagates_and_cleans_up() -
             async for _ in results:
                 raise LookupError("consumer gave up")
     assert not worker_processes()
+
+
+@pytest.mark.parametrize("attempt", range(8))
+async def test_leaving_a_process_stream_early_raises_nothing(attempt: int) -> None:
+    pipeline = Pipeline([Stage(fns.square, kind="process", workers=2)])
+    async with pipeline.stream(range(1, 1_000_000)) as results:
+        async for value in results:
+            if value > 100:
+                break
+    assert not worker_processes()
+
+
+async def test_every_stage_reports_how_full_its_queue_got() -> None:
+    def slow(n: int) -> int:
+        time.sleep(0.002)
+        return n
+
+    pipeline = Pipeline(
+        [
+            Stage(fns.square, kind="thread", batch=1, queue_size=2),
+            Stage(slow, kind="thread", batch=1, queue_size=3),
+        ]
+    )
+    report = await pipeline.run(range(200))
+    first, second = report.stages
+    assert first.queue_high_water == 2 and second.queue_high_water == 3
+    assert first.blocked_s > 0 and report.source_blocked_s > 0

@@ -17,11 +17,13 @@ _EXPORTS = {
     "load": "._config",
     "schema": "._config",
     "ConfigError": "._errors",
+    "CrashLoop": "._errors",
     "ErrorBudgetExceeded": "._errors",
     "ItemError": "._errors",
     "ItemTimeout": "._errors",
     "PipeflowError": "._errors",
     "PipelineError": "._errors",
+    "PoolStartError": "._errors",
     "RemoteTraceback": "._errors",
     "WorkerCrashed": "._errors",
     "configure_logging": "._log",
@@ -47,11 +49,13 @@ if TYPE_CHECKING:
     from ._config import load as load
     from ._config import schema as schema
     from ._errors import ConfigError as ConfigError
+    from ._errors import CrashLoop as CrashLoop
     from ._errors import ErrorBudgetExceeded as ErrorBudgetExceeded
     from ._errors import ItemError as ItemError
     from ._errors import ItemTimeout as ItemTimeout
     from ._errors import PipeflowError as PipeflowError
     from ._errors import PipelineError as PipelineError
+    from ._errors import PoolStartError as PoolStartError
     from ._errors import RemoteTraceback as RemoteTraceback
     from ._errors import WorkerCrashed as WorkerCrashed
     from ._log import configure_logging as configure_logging
@@ -89,6 +93,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "CallableSink",
     "ConfigError",
+    "CrashLoop",
     "CsvSink",
     "ErrorBudgetExceeded",
     "ItemError",
@@ -99,6 +104,7 @@ __all__ = [
     "PipeflowError",
     "Pipeline",
     "PipelineError",
+    "PoolStartError",
     "Pool",
     "RemoteTraceback",
     "Retry",

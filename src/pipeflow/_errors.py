@@ -18,11 +18,13 @@ from typing import Any
 
 __all__ = [
     "ConfigError",
+    "CrashLoop",
     "ErrorBudgetExceeded",
     "ItemError",
     "ItemTimeout",
     "PipeflowError",
     "PipelineError",
+    "PoolStartError",
     "RemoteTraceback",
     "WorkerCrashed",
     "short_repr",
@@ -89,6 +91,14 @@ class ItemTimeout(ItemError, TimeoutError):
 
 class ErrorBudgetExceeded(PipeflowError):
     """More items were skipped or dead-lettered than `max_errors`/`max_error_rate` allow."""
+
+
+class PoolStartError(PipeflowError):
+    """A pool's worker processes died before they could take any work."""
+
+
+class CrashLoop(PipeflowError):
+    """A pool's workers kept dying: the run stops instead of replacing the pool forever."""
 
 
 class PipelineError(PipeflowError):

@@ -31,10 +31,10 @@ import anyio
 import anyio.to_thread
 
 from . import _dask, _worker
-from ._errors import PipeflowError
+from ._errors import CrashLoop, PoolStartError
 from ._stage import Pool
 
-__all__ = ["CallGate", "CrashLoop", "PoolHandle", "default_start_method"]
+__all__ = ["CallGate", "CrashLoop", "PoolHandle", "PoolStartError", "default_start_method"]
 
 # Replacing a broken pool more often than this in one run is a crash loop, not bad luck.
 MAX_REBUILDS = 32
@@ -47,10 +47,6 @@ def abandoned_threads() -> int:
     """How many threads this process gave up on after a timeout; they may never return,
     so a command-line run ends its process without waiting for them."""
     return _abandoned_threads
-
-
-class CrashLoop(PipeflowError):
-    """A pool's workers kept dying: the run stops instead of replacing it forever."""
 
 
 class CallGate:
@@ -245,8 +241,18 @@ class PoolHandle:
             max_tasks_per_child=self.spec.max_tasks_per_child,
         )
         # spawn every worker now, so start-up is paid (and measured) before the work
-        concurrent.futures.wait([executor.submit(_noop) for _ in range(self.spec.workers)])
+        started = [executor.submit(_noop) for _ in range(self.spec.workers)]
+        concurrent.futures.wait(started)
         self._processes = list(getattr(executor, "_processes", {}).values())
+        if any(future.exception() is not None for future in started):
+            death = _cause_of_death(self._processes)
+            executor.shutdown(wait=True, cancel_futures=True)
+            raise PoolStartError(
+                f"pool {self.name!r}: its worker processes died while starting ({death}). "
+                "With the spawn or forkserver start method each worker first imports the "
+                "parent's __main__ module: a script that runs a pipeline at import time "
+                "needs `if __name__ == '__main__':`"
+            )
         return executor
 
     def pids(self) -> list[int]:
@@ -297,17 +303,25 @@ class PoolHandle:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _cause_of_death(processes: list[Any]) -> str:
-    """What ended a pool's dead worker, from the exit codes of its (joined) processes."""
-    for process in processes:
-        code = process.exitcode
-        # the pool terminates the survivors of a crash with SIGTERM
-        if code is None or code in (0, -signal.SIGTERM):
-            continue
-        if code < 0:
-            return f"signal {signal.Signals(-code).name}"
-        return f"exit code {code}"
-    return "unknown cause"
+def _cause_of_death(processes: list[Any], patience: float = 1.0) -> str:
+    """What ended a pool's dead worker, from the exit codes of its processes.
+
+    The pool ends the survivors of a crash itself (SIGTERM, or exit code 255 for a
+    worker that loses its pipe to the parent), so those codes tell the least; and a
+    forkserver reports an exit code a moment after the pool sees the death, so this
+    waits a little for a telling one.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        codes = [p.exitcode for p in processes if p.exitcode not in (None, 0, -signal.SIGTERM)]
+        telling = [code for code in codes if code != 255]
+        if telling or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    if not codes:
+        return "unknown cause"
+    code = min(telling or codes, key=lambda c: c > 0)  # a signal says more than a code
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def _guess_workers(executor: Any) -> int:

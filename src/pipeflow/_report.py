@@ -21,7 +21,8 @@ class StageReport:
 
     Attributes:
         name: The stage's name.
-        kind: `async`, `thread`, `process` or `executor` (a pool passed in by the caller).
+        kind: `async`, `thread`, `process` or `dask`; a pool passed in by the caller
+            shows its own kind (`thread`, `process`), or `executor` when it is another.
         workers: Pool size, or concurrent tasks for async.
         items_in: Items the stage received.
         items_out: Results it emitted.
@@ -78,6 +79,8 @@ class RunReport:
         wall_s: Seconds from start to end.
         items_read: Items taken from the source.
         items_written: Items given to the sink.
+        source_blocked_s: Seconds the source waited on the first stage's full queue
+            (backpressure reaching the source).
         stages: One `StageReport` per stage, in order.
         error: The failure's message when the run failed.
     """
@@ -87,6 +90,7 @@ class RunReport:
     wall_s: float = 0.0
     items_read: int = 0
     items_written: int = 0
+    source_blocked_s: float = 0.0
     stages: list[StageReport] = field(default_factory=list)
     error: str | None = None
 
@@ -116,6 +120,7 @@ class RunReport:
                     stage[key] = round(value, 6)
             stage["utilisation"] = round(self.utilisation(stage["name"]), 4)
         data["wall_s"] = round(self.wall_s, 6)
+        data["source_blocked_s"] = round(self.source_blocked_s, 6)
         return data
 
     def to_json(self) -> str:

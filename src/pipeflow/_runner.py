@@ -31,6 +31,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import cloudpickle
 from anyio.abc import TaskGroup
@@ -98,15 +99,20 @@ class _ChunkSizer:
         self.size = max(1, min(self.limit, int(self.target / self.per_item)))
 
 
-async def _send(send: MemoryObjectSendStream[Any], item: Any, report: StageReport | None) -> None:
-    """Send, counting the time spent blocked on a full queue against `report`."""
+async def _send(send: MemoryObjectSendStream[Any], item: Any) -> float:
+    """Send; return the seconds spent blocked on a full queue."""
     try:
-        send.send_nowait(item)
-    except anyio.WouldBlock:
-        started = time.perf_counter()
-        await send.send(item)
-        if report is not None:
-            report.blocked_s += time.perf_counter() - started
+        try:
+            send.send_nowait(item)
+        except anyio.WouldBlock:
+            started = time.perf_counter()
+            await send.send(item)
+            return time.perf_counter() - started
+    except anyio.BrokenResourceError:
+        # the receiver has gone because the run is ending: whoever ended it reports why
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        raise
+    return 0.0
 
 
 def _pull(iterator: Iterator[Any], size: int, interval: float, stop: threading.Event) -> list[Any]:
@@ -290,7 +296,8 @@ class StageRun:
             output = await self.process(chunk)
         finally:
             self.limiter.release()
-        slot.set_result(output)
+        if not slot.cancelled():  # the emitter cancels it when the run is cancelled
+            slot.set_result(output)
 
     async def _emit_in_order(
         self,
@@ -312,7 +319,7 @@ class StageRun:
                 else:
                     output = await slot
                 if output.values:
-                    await _send(out, output, self.report)
+                    self.report.blocked_s += await _send(out, output)
 
     async def _dispatch_unordered(
         self,
@@ -330,7 +337,7 @@ class StageRun:
         finally:
             self.limiter.release()
         if output.values:
-            await _send(out, output, self.report)
+            self.report.blocked_s += await _send(out, output)
 
     async def _chunks(self, recv: MemoryObjectReceiveStream[Batch]) -> Any:
         """Chunks to run: what arrives, merged with what already waits, split to size."""
@@ -347,6 +354,11 @@ class StageRun:
                 report.idle_s += time.perf_counter() - started
             except anyio.EndOfStream:
                 return
+            # the fill before this receive: what is left, plus the batch just taken (a
+            # waiting sender's batch may already have taken its place: the bound caps it)
+            waiting = min(recv.statistics().current_buffer_used + 1, report.queue_size)
+            if waiting > report.queue_high_water:
+                report.queue_high_water = waiting
             size = self.sizer.size
             indices, values = batch
             merged = False
@@ -867,8 +879,7 @@ class Runner:
                     self._dead_letters = dl_send
                     ends += [dl_send, dl_recv]
                     tg.start_soon(self._write_dead_letters, dead_sink, dl_recv)
-                first = stages[0].report if stages else None
-                tg.start_soon(self._pump_source, sends[0], first)
+                tg.start_soon(self._pump_source, sends[0])
                 for position, stage in enumerate(stages):
                     tg.start_soon(stage.run, recvs[position], sends[position + 1])
                 await self._drain_to_sink(recvs[-1])
@@ -881,17 +892,15 @@ class Runner:
 
     # --- source ---
 
-    async def _pump_source(
-        self, send: MemoryObjectSendStream[Batch], first: StageReport | None
-    ) -> None:
+    async def _pump_source(self, send: MemoryObjectSendStream[Batch]) -> None:
         source = self.source
         try:
             async with send:
                 with self._source_scope:
                     if isinstance(source, AsyncIterable):
-                        await self._pump_async(source, send, first)
+                        await self._pump_async(source, send)
                     else:
-                        await self._pump_sync(source, send, first)
+                        await self._pump_sync(source, send)
         except (PipelineError, anyio.get_cancelled_exc_class()):
             raise
         except anyio.BrokenResourceError:
@@ -912,19 +921,15 @@ class Runner:
             return first.sizer.fixed
         return max(1, min(SOURCE_MAX_BATCH, first.sizer.size * first.workers))
 
-    async def _deliver(
-        self, send: MemoryObjectSendStream[Batch], values: list[Any], first: StageReport | None
-    ) -> None:
-        index = self.report.items_read
-        await _send(send, Batch(range(index, index + len(values)), values), None)
-        self.report.items_read += len(values)
-        if first is not None:
-            used = send.statistics().current_buffer_used
-            first.queue_high_water = max(first.queue_high_water, used)
+    async def _deliver(self, send: MemoryObjectSendStream[Batch], values: list[Any]) -> None:
+        report = self.report
+        index = report.items_read
+        report.source_blocked_s += await _send(
+            send, Batch(range(index, index + len(values)), values)
+        )
+        report.items_read += len(values)
 
-    async def _pump_sync(
-        self, source: Iterable[Any], send: MemoryObjectSendStream[Batch], first: StageReport | None
-    ) -> None:
+    async def _pump_sync(self, source: Iterable[Any], send: MemoryObjectSendStream[Batch]) -> None:
         in_memory = isinstance(source, range | list | tuple)
         iterator = iter(source)
         size = 1
@@ -940,7 +945,7 @@ class Runner:
                     )
                 if not values:
                     return
-                await self._deliver(send, values, first)
+                await self._deliver(send, values)
                 size = min(size * 2, self._max_source_batch())
         finally:
             close = getattr(iterator, "close", None)
@@ -952,7 +957,6 @@ class Runner:
         self,
         source: AsyncIterable[Any],
         send: MemoryObjectSendStream[Batch],
-        first: StageReport | None,
     ) -> None:
         # unbuffered: an item the puller holds is either delivered or never taken from
         # the source (a stopping run drains the puller's pending send below)
@@ -1004,7 +1008,7 @@ class Runner:
                     with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
                         values.append(items_recv.receive_nowait())
                     ended = True
-                await self._deliver(send, values, first)
+                await self._deliver(send, values)
                 size = min(size * 2, self._max_source_batch())
             tg.cancel_scope.cancel()  # stopping: the puller waits inside the source
 
@@ -1024,6 +1028,8 @@ class Runner:
         except (PipelineError, anyio.get_cancelled_exc_class()):
             raise
         except Exception as exc:
+            # a consumer of stream() that leaves closes the sink's queue as it cancels us
+            await anyio.lowlevel.checkpoint_if_cancelled()
             raise _error_of("sink", None, None, exc) from exc
         finally:
             if opened:
