@@ -66,7 +66,7 @@ SOURCE_MAX_BATCH = 16384
 FLUSH_INTERVAL_S = 0.05
 # `batch: auto` aims for executor calls this long: long enough to hide the call's
 # overhead (~100 µs for a process pool), short enough to keep results flowing.
-TARGET_CALL_S = {"process": 0.02, "executor": 0.05, "dask": 0.05, "thread": 0.02, "async": 0.0}
+TARGET_CALL_S = {"process": 0.05, "executor": 0.05, "dask": 0.05, "thread": 0.02, "async": 0.0}
 MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 1}
 PROGRESS_INTERVAL_S = 0.2
 SAMPLE_CALLS = 16
