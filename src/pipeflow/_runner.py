@@ -403,7 +403,7 @@ class StageRun:
                 if self._should_retry(failure, attempt):
                     retryable.append(failure)
                 else:
-                    await self._settle(chunk, failure, attempt, result.worker)
+                    await self._settle_failure(chunk, failure, attempt, result.worker)
             if not retryable:
                 break
             self.report.retries += len(retryable)
@@ -461,7 +461,9 @@ class StageRun:
             return False
         return isinstance(failure.error, retry.retry_on)
 
-    async def _settle(self, chunk: Batch, failure: Failure, attempts: int, worker: str) -> None:
+    async def _settle_failure(
+        self, chunk: Batch, failure: Failure, attempts: int, worker: str
+    ) -> None:
         """Apply `on_error` to an item whose last attempt failed."""
         report = self.report
         index = chunk.indices[failure.position]

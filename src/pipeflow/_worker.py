@@ -122,7 +122,8 @@ def _stage_fn(call: StageCall) -> tuple[Callable[..., Any], Any, bool]:
             if _in_process_worker:
                 _teardown_at_exit(teardown, state)
             else:
-                _thread_states.append((teardown, state, call.key))
+                with _loaded_lock:
+                    _thread_states.append((teardown, state, call.key))
         entry = (fn, state, has_state)
         cache[call.key] = entry
     return entry
