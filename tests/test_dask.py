@@ -231,3 +231,30 @@ async def test_the_squares_dask_config_matches_its_process_twin() -> None:
         assert report.stages[0].kind == kind
         outputs[kind] = sink.items
     assert outputs["dask"] == outputs["process"] == [n * n for n in range(1, 11)]
+
+
+def test_bench_compares_process_and_dask_points() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeflow",
+            "bench",
+            "configs/squares_dask.yaml",
+            "--matrix",
+            "stages.square.kind=process,dask",
+            "--repeat",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "kind=process" in done.stdout and "kind=dask" in done.stdout
+    assert "Best:" in done.stdout and "differ" not in done.stdout
