@@ -258,3 +258,20 @@ def test_bench_compares_process_and_dask_points() -> None:
     assert done.returncode == 0, done.stderr
     assert "kind=process" in done.stdout and "kind=dask" in done.stdout
     assert "Best:" in done.stdout and "differ" not in done.stdout
+
+
+async def test_a_local_cluster_with_tls_runs_the_stage_over_tls() -> None:
+    pytest.importorskip("cryptography", reason="TLS credentials need the cryptography package")
+    addresses: list[str] = []
+    runners: list[Any] = []
+
+    def progress(report: pipeflow.RunReport) -> None:
+        for pool in runners[0].pools.values():
+            addresses.append(pool.executor.client.scheduler.address)
+
+    pipeline = pipeflow.load(ROOT / "configs" / "squares_dask_tls.yaml", app_dir=ROOT)
+    pipeline.sink = pipeflow.ListSink()
+    await pipeline.run(progress=progress, runner_ready=runners.append)
+    assert pipeline.sink.items == [n * n for n in range(1, 11)]
+    assert addresses and all(address.startswith("tls://") for address in addresses)
+    assert not worker_processes()

@@ -18,7 +18,7 @@ from ._imports import import_exception
 from ._pipeline import Pipeline
 from ._sinks import CallableSink, CsvSink, JsonlSink, NullSink, Sink, StdoutSink
 from ._sources import csv_rows, jsonl_records, text_lines
-from ._spec import ConfigSpec, ExecutorSpec, SinkSpec, SourceSpec, StageSpec
+from ._spec import ConfigSpec, ExecutorSpec, SecuritySpec, SinkSpec, SourceSpec, StageSpec
 from ._stage import Kind, Pool, Retry, Stage
 from ._yaml import DataPath
 
@@ -79,6 +79,11 @@ def _executor(spec: ExecutorSpec) -> Pool | concurrent.futures.Executor:
         threads_per_worker=spec.threads_per_worker,
         address=spec.address,
         dashboard=spec.dashboard,
+        security=(
+            spec.security.model_dump(exclude_none=True)
+            if isinstance(spec.security, SecuritySpec)
+            else spec.security
+        ),
     )
 
 

@@ -170,6 +170,19 @@ class StageSpec(_Spec):
         return self
 
 
+class SecuritySpec(_Spec):
+    """TLS to a Dask cluster: the arguments of `distributed.Security`."""
+
+    tls_ca_file: str | None = None
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
+    tls_scheduler_cert: str | None = None
+    tls_scheduler_key: str | None = None
+    tls_worker_cert: str | None = None
+    tls_worker_key: str | None = None
+    require_encryption: bool | None = None
+
+
 class ExecutorSpec(_Spec):
     """One entry of `executors:`, a pool that stages share by name."""
 
@@ -184,6 +197,11 @@ class ExecutorSpec(_Spec):
     threads_per_worker: PositiveInt = _default(Pool, "threads_per_worker")
     dashboard: bool = Field(
         _default(Pool, "dashboard"), description="dask, address local: serve the dashboard"
+    )
+    security: SecuritySpec | bool | None = Field(
+        None,
+        description="dask: TLS certificate files, or true for temporary credentials "
+        "(address: local)",
     )
 
 
