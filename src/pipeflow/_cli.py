@@ -22,7 +22,8 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from ._bench import PointResult, parse_matrix, plan_bench, run_bench
+from ._bench import parse_matrix, plan_bench, run_bench
+from ._bench_figures import PointResult
 from ._bench_render import PlotUnavailable, check_plotting, print_bench, write_plot, write_results
 from ._config import load, schema
 from ._console import LiveProgress, print_failure, print_summary
