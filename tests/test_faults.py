@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from pathlib import Path
@@ -49,10 +48,7 @@ async def test_a_worker_crash_with_fail_names_the_item_and_cause(how: str) -> No
         await pipeline.run(range(100))
     error = caught.value
     assert error.index == 13 and error.error_type == "WorkerCrashed"
-    # the cause is read from the dead pool's exit codes; on a busy machine the forkserver
-    # may not have reported the killer's own code yet, and a survivor's is named instead
-    assert re.search(r"died \((signal SIG[A-Z]+|exit code \d+)\)", str(error))
-    assert cause in str(error) or "exit code 255" in str(error)
+    assert cause in str(error)
     assert isinstance(error.__cause__, pipeflow.WorkerCrashed)
     assert not worker_processes()
 
@@ -68,7 +64,7 @@ async def test_a_worker_crash_with_dead_letter_writes_one_record(tmp_path: Path)
     assert len(results) == 99
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["index"], r["error"]) for r in records] == [(13, "WorkerCrashed")]
-    assert re.search(r"SIGSEGV|exit code 255", records[0]["message"])
+    assert "SIGSEGV" in records[0]["message"]
 
 
 async def test_a_crash_loop_fails_the_run_instead_of_spinning() -> None:

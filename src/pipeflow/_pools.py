@@ -140,7 +140,9 @@ class PoolHandle:
         self.gate = CallGate()
         self._rebuild_lock = anyio.Lock()
         self._killed_generations: set[int] = set()
-        self._processes: list[Any] = []
+        # the pool's own {pid: process} map, which it extends when it spawns a worker
+        # later than start-up (an idle worker may have taken a start-up call)
+        self._processes: dict[int, Any] = {}
         self.abandoned = 0
         self.kind: str
         if executor is None:
@@ -217,7 +219,8 @@ class PoolHandle:
 
     def _replace(self, kill: bool) -> concurrent.futures.Executor:
         # the dead worker has exited already: read its exit code before killing the rest
-        self._death = "killed after a timeout" if kill else _cause_of_death(self._processes)
+        processes = list(self._processes.values())
+        self._death = "killed after a timeout" if kill else _cause_of_death(processes)
         self._end(self.executor, kill=True)
         return self._create()
 
@@ -243,9 +246,9 @@ class PoolHandle:
         # spawn every worker now, so start-up is paid (and measured) before the work
         started = [executor.submit(_noop) for _ in range(self.spec.workers)]
         concurrent.futures.wait(started)
-        self._processes = list(getattr(executor, "_processes", {}).values())
+        self._processes = getattr(executor, "_processes", {})
         if any(future.exception() is not None for future in started):
-            death = _cause_of_death(self._processes)
+            death = _cause_of_death(list(self._processes.values()))
             executor.shutdown(wait=True, cancel_futures=True)
             raise PoolStartError(
                 f"pool {self.name!r}: its worker processes died while starting ({death}). "
