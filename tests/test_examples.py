@@ -82,6 +82,7 @@ def stage(report: dict[str, Any], name: str) -> dict[str, Any]:
 CHECKED = {
     "squares.yaml",
     "squares_dask.yaml",
+    "squares_dask_tls.yaml",
     "pids.yaml",
     "producer_consumer.yaml",
     "shared_counter.yaml",
@@ -101,7 +102,7 @@ OTHERS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name not in CHECKED)
 
 def test_every_config_validates() -> None:
     configs = sorted(CONFIGS.glob("*.yaml"))
-    assert len(configs) >= len(CHECKED) - 1  # squares_dask aside, all of them are here
+    assert len(configs) >= len(CHECKED) - 2  # the dask ones aside, all of them are here
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda config: pipeflow("validate", config), configs))
     failed = {c.name: r.stderr for c, r in zip(configs, results, strict=True) if r.returncode}
@@ -112,7 +113,7 @@ def test_every_config_validates() -> None:
 
 def test_the_checked_configs_exist() -> None:
     missing = sorted(name for name in CHECKED if not (CONFIGS / name).is_file())
-    assert missing == [] or missing == ["squares_dask.yaml"]
+    assert missing == [] or missing == ["squares_dask.yaml", "squares_dask_tls.yaml"]
 
 
 @pytest.mark.parametrize(
@@ -145,6 +146,12 @@ def test_squares_at_each_pool_size_of_q8(workers: int, tmp_path: Path) -> None:
 def test_squares_on_dask_match_the_notebook() -> None:
     pytest.importorskip("distributed", reason="the dask extra is not installed")
     assert json_lines(run_ok("squares_dask.yaml", "--quiet").stdout) == SQUARES
+
+
+def test_squares_on_a_tls_dask_cluster_match_the_notebook() -> None:
+    pytest.importorskip("distributed", reason="the dask extra is not installed")
+    pytest.importorskip("cryptography", reason="the dask extra is not installed")
+    assert json_lines(run_ok("squares_dask_tls.yaml", "--quiet").stdout) == SQUARES
 
 
 # --- Q3: which process handled which item ---
