@@ -284,6 +284,13 @@ class PoolHandle:
         if not (self.owned and isinstance(executor, concurrent.futures.ThreadPoolExecutor)):
             return False
         executor._max_workers += 1
+        # The pool counts a thread as idle once it has finished a call, even when that
+        # thread then took the call that hung, and reuses "idle" threads before it starts
+        # new ones: drop that count, so the next call starts the replacement thread.
+        idle = executor._idle_semaphore
+        while idle.acquire(timeout=0):
+            pass
+        executor._adjust_thread_count()
         self.abandoned += 1
         global _abandoned_threads
         _abandoned_threads += 1
