@@ -831,13 +831,12 @@ class Runner:
         report.error = str(error)
 
     def _count_in_flight(self) -> None:
-        for stage in self.report.stages:
+        for run in self.stages:
+            stage = run.report
+            if run.stage.op not in ("map", "filter"):
+                continue  # flat_map and map_batch outputs do not map one to one on inputs
             settled = stage.skipped + stage.dead_lettered + stage.failed + stage.filtered_out
-            done = stage.items_out + settled if self._one_to_one(stage.name) else stage.items_in
-            stage.in_flight = max(0, stage.items_in - done)
-
-    def _one_to_one(self, name: str) -> bool:
-        return next(s.stage.op for s in self.stages if s.name == name) in ("map", "filter")
+            stage.in_flight = max(0, stage.items_in - stage.items_out - settled)
 
     async def _start_pools(self) -> None:
         for pool in self.pools.values():
