@@ -143,8 +143,9 @@ def unavailable(workload: str, runner: str, module: str) -> Row:
 # --- runners ------------------------------------------------------------------------------
 
 
-def run_pipeflow(workload: str, runner: str, stages: list[Any], items: Iterable[Any], n: int,
-                 note: str = "") -> Row:
+def run_pipeflow(
+    workload: str, runner: str, stages: list[Any], items: Iterable[Any], n: int, note: str = ""
+) -> Row:
     """A pipeflow pipeline over `items`, results counted and dropped (no sink)."""
     pipeline = pipeflow.Pipeline(stages)
     started = time.perf_counter()
@@ -153,8 +154,15 @@ def run_pipeflow(workload: str, runner: str, stages: list[Any], items: Iterable[
     assert report.items_written == n, (report.items_written, n)
     setup = sum(s.pool_start_s for s in report.stages)
     calls = sum(s.calls for s in report.stages)
-    return Row(workload, runner, n, total - setup, setup,
-               extra={"with_setup_s": total, "executor_calls": calls}, note=note)
+    return Row(
+        workload,
+        runner,
+        n,
+        total - setup,
+        setup,
+        extra={"with_setup_s": total, "executor_calls": calls},
+        note=note,
+    )
 
 
 def run_serial(workload: str, fn: Callable[[Any], Any], n: int) -> Row:
@@ -192,8 +200,7 @@ def run_ppe_map(workload: str, fn: Callable[[Any], Any], n: int) -> Row:
         out = list(ex.map(fn, range(n), chunksize=chunksize))
         wall = time.perf_counter() - started
     assert len(out) == n
-    return Row(workload, "ProcessPoolExecutor.map", n, wall, setup,
-               note=f"chunksize={chunksize}")
+    return Row(workload, "ProcessPoolExecutor.map", n, wall, setup, note=f"chunksize={chunksize}")
 
 
 def run_mpire(workload: str, fn: Callable[[Any], Any], n: int) -> Row:
@@ -209,8 +216,9 @@ def run_mpire(workload: str, fn: Callable[[Any], Any], n: int) -> Row:
         out = pool.map(fn, range(n))
         wall = time.perf_counter() - started
     assert len(out) == n
-    return Row(workload, "mpire WorkerPool.map", n, wall, setup,
-               note="default chunk_size, keep_alive")
+    return Row(
+        workload, "mpire WorkerPool.map", n, wall, setup, note="default chunk_size, keep_alive"
+    )
 
 
 def run_pypeln_process(workload: str, fn: Callable[[Any], Any], n: int) -> Row:
@@ -238,10 +246,17 @@ def bench_trivial(quick: bool) -> tuple[list[Row], list[Target]]:
         best_of(3, lambda: run_ppe_map(w, workloads.square, n)),
         run_mpire(w, workloads.square, SIZES["trivial_mpire"][pick]),
         run_pypeln_process(w, workloads.square, SIZES["trivial_pypeln"][pick]),
-        best_of(3, lambda: run_pipeflow(
-            w, "pipeflow process", [pipeflow.Stage(workloads.square, kind="process",
-                                                   workers=PROCESS_WORKERS)],
-            range(n), n, note="batch: auto, ordered")),
+        best_of(
+            3,
+            lambda: run_pipeflow(
+                w,
+                "pipeflow process",
+                [pipeflow.Stage(workloads.square, kind="process", workers=PROCESS_WORKERS)],
+                range(n),
+                n,
+                note="batch: auto, ordered",
+            ),
+        ),
     ]
     for row in rows:
         if row.items is not None and row.items < n:
@@ -253,12 +268,28 @@ def bench_trivial(quick: bool) -> tuple[list[Row], list[Target]]:
         row.extra["vs_pool_map"] = ratio(row.items_per_s, pool.items_per_s) or 0.0
     pool_total = (pool.wall_s or 0) + (pool.setup_s or 0)
     targets = [
-        Target(w, "pipeflow process >= 0.5x Pool.map items/s",
-               ratio(pf.items_per_s, pool.items_per_s), 0.5, True),
-        Target(w, "pipeflow process >= 10x mpire items/s",
-               ratio(pf.items_per_s, mp.items_per_s), 10.0, True),
-        Target(w, "same, pool start-up included on both sides",
-               ratio(pool_total, pf.extra["with_setup_s"]), 0.5, True, info=True),
+        Target(
+            w,
+            "pipeflow process >= 0.5x Pool.map items/s",
+            ratio(pf.items_per_s, pool.items_per_s),
+            0.5,
+            True,
+        ),
+        Target(
+            w,
+            "pipeflow process >= 10x mpire items/s",
+            ratio(pf.items_per_s, mp.items_per_s),
+            10.0,
+            True,
+        ),
+        Target(
+            w,
+            "same, pool start-up included on both sides",
+            ratio(pool_total, pf.extra["with_setup_s"]),
+            0.5,
+            True,
+            info=True,
+        ),
     ]
     return rows, targets
 
@@ -274,9 +305,17 @@ def bench_cpu(quick: bool) -> tuple[list[Row], list[Target]]:
         best_of(repeat, lambda: run_ppe_map(w, fn, n)),
         best_of(repeat, lambda: run_mpire(w, fn, n)),
         run_pypeln_process(w, fn, n),
-        best_of(repeat, lambda: run_pipeflow(
-            w, "pipeflow process", [pipeflow.Stage(fn, kind="process", workers=PROCESS_WORKERS)],
-            range(n), n, note="batch: auto, ordered")),
+        best_of(
+            repeat,
+            lambda: run_pipeflow(
+                w,
+                "pipeflow process",
+                [pipeflow.Stage(fn, kind="process", workers=PROCESS_WORKERS)],
+                range(n),
+                n,
+                note="batch: auto, ordered",
+            ),
+        ),
     ]
     by = {r.runner: r for r in rows}
     serial, pool, pf = by["serial Python"], by["multiprocessing.Pool.map"], by["pipeflow process"]
@@ -284,10 +323,20 @@ def bench_cpu(quick: bool) -> tuple[list[Row], list[Target]]:
         row.extra["speedup"] = ratio(serial.wall_s, row.wall_s) or 0.0
         row.extra["vs_pool_map"] = ratio(row.items_per_s, pool.items_per_s) or 0.0
     targets = [
-        Target(w, "pipeflow speedup over serial >= 1.8x (2 workers)",
-               ratio(serial.wall_s, pf.wall_s), 1.8, True),
-        Target(w, "pipeflow >= 0.95x Pool.map items/s",
-               ratio(pf.items_per_s, pool.items_per_s), 0.95, True),
+        Target(
+            w,
+            "pipeflow speedup over serial >= 1.8x (2 workers)",
+            ratio(serial.wall_s, pf.wall_s),
+            1.8,
+            True,
+        ),
+        Target(
+            w,
+            "pipeflow >= 0.95x Pool.map items/s",
+            ratio(pf.items_per_s, pool.items_per_s),
+            0.95,
+            True,
+        ),
     ]
     return rows, targets
 
@@ -360,14 +409,28 @@ def bench_io(quick: bool) -> tuple[list[Row], list[Target]]:
         best_of(repeat, lambda: run_mpire_threads(w, n)),
         best_of(repeat, lambda: run_pypeln_io(w, n, "thread")),
         best_of(repeat, lambda: run_pypeln_io(w, n, "task")),
-        best_of(repeat, lambda: run_pipeflow(
-            w, "pipeflow thread", [pipeflow.Stage(workloads.io_sleep, kind="thread",
-                                                  workers=IO_WORKERS)],
-            range(n), n, note=f"{IO_WORKERS} threads")),
-        best_of(repeat, lambda: run_pipeflow(
-            w, "pipeflow async", [pipeflow.Stage(workloads.io_sleep_async, kind="async",
-                                                 workers=IO_WORKERS)],
-            range(n), n, note=f"{IO_WORKERS} tasks")),
+        best_of(
+            repeat,
+            lambda: run_pipeflow(
+                w,
+                "pipeflow thread",
+                [pipeflow.Stage(workloads.io_sleep, kind="thread", workers=IO_WORKERS)],
+                range(n),
+                n,
+                note=f"{IO_WORKERS} threads",
+            ),
+        ),
+        best_of(
+            repeat,
+            lambda: run_pipeflow(
+                w,
+                "pipeflow async",
+                [pipeflow.Stage(workloads.io_sleep_async, kind="async", workers=IO_WORKERS)],
+                range(n),
+                n,
+                note=f"{IO_WORKERS} tasks",
+            ),
+        ),
     ]
     rows[0].note = f"first {rows[0].items} items only"
     ideal_rate = n / ideal
@@ -377,10 +440,20 @@ def bench_io(quick: bool) -> tuple[list[Row], list[Target]]:
         row.extra["vs_ideal"] = ideal_rate / rate if rate else 0.0
     by = {r.runner: r for r in rows}
     targets = [
-        Target(w, f"pipeflow thread wall <= 1.15x ideal ({ideal:.3f} s)",
-               ratio(by["pipeflow thread"].wall_s, ideal), 1.15, False),
-        Target(w, f"pipeflow async wall <= 1.15x ideal ({ideal:.3f} s)",
-               ratio(by["pipeflow async"].wall_s, ideal), 1.15, False),
+        Target(
+            w,
+            f"pipeflow thread wall <= 1.15x ideal ({ideal:.3f} s)",
+            ratio(by["pipeflow thread"].wall_s, ideal),
+            1.15,
+            False,
+        ),
+        Target(
+            w,
+            f"pipeflow async wall <= 1.15x ideal ({ideal:.3f} s)",
+            ratio(by["pipeflow async"].wall_s, ideal),
+            1.15,
+            False,
+        ),
     ]
     return rows, targets
 
@@ -429,8 +502,7 @@ def bench_mix(quick: bool) -> tuple[list[Row], list[Target]]:
     ideal = max(io_ideal, cpu_ideal)
     stages = [
         pipeflow.Stage(workloads.io_sleep, name="fetch", kind="thread", workers=IO_WORKERS),
-        pipeflow.Stage(workloads.cpu_mix, name="compute", kind="process",
-                       workers=PROCESS_WORKERS),
+        pipeflow.Stage(workloads.cpu_mix, name="compute", kind="process", workers=PROCESS_WORKERS),
         pipeflow.Stage(workloads.io_sleep, name="store", kind="thread", workers=IO_WORKERS),
     ]
     # the mix varies by up to 1.7x from run to run on 2 cores (GIL contention between
@@ -440,16 +512,30 @@ def bench_mix(quick: bool) -> tuple[list[Row], list[Target]]:
         serial_cpu,
         best_of(repeat, lambda: run_chained(w, n)),
         run_pypeln_mix(w, n),
-        best_of(repeat, lambda: run_pipeflow(w, "pipeflow thread|process|thread", stages,
-                                             range(n), n, note="batch: auto, ordered")),
+        best_of(
+            repeat,
+            lambda: run_pipeflow(
+                w,
+                "pipeflow thread|process|thread",
+                stages,
+                range(n),
+                n,
+                note="batch: auto, ordered",
+            ),
+        ),
     ]
     for row in rows:
         row.extra["vs_ideal"] = ratio(row.wall_s, ideal) or 0.0
     rows[0].extra["vs_ideal"] = 0.0
     rows[0].note = f"ideal {ideal:.3f} s = max(I/O {io_ideal:.3f}, CPU {cpu_ideal:.3f})"
     targets = [
-        Target(w, f"pipeflow wall <= 1.2x ideal ({ideal:.3f} s, CPU-bound stage)",
-               ratio(rows[-1].wall_s, ideal), 1.2, False),
+        Target(
+            w,
+            f"pipeflow wall <= 1.2x ideal ({ideal:.3f} s, CPU-bound stage)",
+            ratio(rows[-1].wall_s, ideal),
+            1.2,
+            False,
+        ),
     ]
     return rows, targets
 
@@ -491,7 +577,10 @@ def peak_rss_kb() -> int:
 def measure_memory(runner: str, n: int) -> tuple[float, float]:
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--memory-child", runner, str(n)],
-        capture_output=True, text=True, check=True, cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_DIR,
     )
     data = json.loads(out.stdout.strip().splitlines()[-1])
     return data["peak_rss_mb"], data["wall_s"]
@@ -515,8 +604,13 @@ def bench_memory(quick: bool) -> tuple[list[Row], list[Target]]:
         growth[runner] = rss[large] / rss[small]
         rows[-1].extra["rss_vs_small"] = growth[runner]
     targets = [
-        Target(w, f"pipeflow peak RSS at {large:,} <= 1.2x that at {small:,}",
-               growth["pipeflow"], 1.2, False),
+        Target(
+            w,
+            f"pipeflow peak RSS at {large:,} <= 1.2x that at {small:,}",
+            growth["pipeflow"],
+            1.2,
+            False,
+        ),
     ]
     return rows, targets
 
@@ -532,8 +626,9 @@ def time_command(argv: list[str], repeats: int) -> tuple[float, list[float]]:
     walls = []
     for _ in range(repeats):
         started = time.perf_counter()
-        subprocess.run(argv, check=True, cwd=REPO_DIR, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            argv, check=True, cwd=REPO_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         walls.append(time.perf_counter() - started)
     return statistics.median(walls), walls
 
@@ -544,34 +639,71 @@ def bench_cli(quick: bool) -> tuple[list[Row], list[Target]]:
     commands: list[tuple[str, list[str] | None, str]] = [
         ('python -c "pass"', [sys.executable, "-c", "pass"], "interpreter start-up"),
         ('python -c "import pipeflow"', [sys.executable, "-c", "import pipeflow"], ""),
-        ("python -c <10-item process pipeline>", [sys.executable, "-c", PIPELINE_10],
-         "Pipeline([Stage(square, kind='process', workers=2)]).run_sync(range(10))"),
+        (
+            "python -c <10-item process pipeline>",
+            [sys.executable, "-c", PIPELINE_10],
+            "Pipeline([Stage(square, kind='process', workers=2)]).run_sync(range(10))",
+        ),
     ]
     script = Path(sys.executable).parent / "pipeflow"
     config = REPO_DIR / "configs" / "squares.yaml"
     if config.exists() and script.exists() and has("pipeflow._cli"):
-        commands.append(("pipeflow run configs/squares.yaml",
-                         [str(script), "run", "configs/squares.yaml"], "stdout sink"))
+        commands.append(
+            (
+                "pipeflow run configs/squares.yaml",
+                [str(script), "run", "configs/squares.yaml"],
+                "stdout sink",
+            )
+        )
     else:
-        commands.append(("pipeflow run configs/squares.yaml", None,
-                         "n/a (no configs/squares.yaml or no CLI yet)"))
+        commands.append(
+            (
+                "pipeflow run configs/squares.yaml",
+                None,
+                "n/a (no configs/squares.yaml or no CLI yet)",
+            )
+        )
     rows = []
     for label, argv, note in commands:
         if argv is None:
             rows.append(Row(w, label, note=note))
             continue
         median, walls = time_command(argv, repeats)
-        rows.append(Row(w, label, 10, median, extra={"min_s": min(walls)},
-                        note=f"median of {repeats}; {note}".rstrip("; ")))
+        rows.append(
+            Row(
+                w,
+                label,
+                10,
+                median,
+                extra={"min_s": min(walls)},
+                note=f"median of {repeats}; {note}".rstrip("; "),
+            )
+        )
     base = rows[0].wall_s
     for row in rows:
         row.extra["above_python_s"] = (row.wall_s - base) if row.wall_s and base else 0.0
     above = rows[2].extra["above_python_s"]
-    targets = [Target(w, "10-item process pipeline, s above `python -c pass` < 1.0 s",
-                      above, 1.0, False, unit="s")]
+    targets = [
+        Target(
+            w,
+            "10-item process pipeline, s above `python -c pass` < 1.0 s",
+            above,
+            1.0,
+            False,
+            unit="s",
+        )
+    ]
     if rows[3].wall_s is not None:
-        targets.append(Target(w, "pipeflow run configs/squares.yaml, s above python < 1.0 s",
-                              rows[3].extra["above_python_s"], 1.0, False, unit="s"))
+        targets.append(
+            Target(
+                w,
+                "pipeflow run configs/squares.yaml, s above python < 1.0 s",
+                rows[3].extra["above_python_s"],
+                1.0,
+                False,
+                unit="s",
+            )
+        )
     return rows, targets
 
 
@@ -591,8 +723,14 @@ TITLES = {
     "memory": "memory: parent peak RSS streaming squares, fresh interpreter per run",
     "cli": "command line: a 10-item pipeline with a process stage, end to end",
 }
-RATIO_KEY = {"trivial": "vs_pool_map", "cpu": "speedup", "io": "vs_ideal", "mix": "vs_ideal",
-             "memory": "rss_vs_small", "cli": "above_python_s"}
+RATIO_KEY = {
+    "trivial": "vs_pool_map",
+    "cpu": "speedup",
+    "io": "vs_ideal",
+    "mix": "vs_ideal",
+    "memory": "rss_vs_small",
+    "cli": "above_python_s",
+}
 
 
 # --- output -------------------------------------------------------------------------------
@@ -603,33 +741,45 @@ def print_table(name: str, rows: list[Row], quick: bool) -> None:
     print(f"\n== {TITLES[name].format(n=f'{n:,}')} ==")
     key = RATIO_KEY[name]
     if name == "memory":
-        print(f"{'runner':34} {'items':>11} {'wall s':>8} {'peak RSS MB':>12} {'vs small':>9}"
-              "  note")
+        print(
+            f"{'runner':34} {'items':>11} {'wall s':>8} {'peak RSS MB':>12} {'vs small':>9}  note"
+        )
         for r in rows:
-            print(f"{r.runner:34} {r.items or 0:>11,} {fmt(r.wall_s, '.3f'):>8} "
-                  f"{fmt(r.extra.get('peak_rss_mb'), '.1f'):>12} "
-                  f"{fmt(r.extra.get(key), '.2f') if key in r.extra else '':>9}  {r.note}")
+            print(
+                f"{r.runner:34} {r.items or 0:>11,} {fmt(r.wall_s, '.3f'):>8} "
+                f"{fmt(r.extra.get('peak_rss_mb'), '.1f'):>12} "
+                f"{fmt(r.extra.get(key), '.2f') if key in r.extra else '':>9}  {r.note}"
+            )
         return
-    label = {"vs_pool_map": "vs Pool", "speedup": "speedup", "vs_ideal": "vs ideal",
-             "above_python_s": "+python s"}[key]
-    print(f"{'runner':34} {'items':>9} {'wall s':>8} {'setup s':>8} {'items/s':>12} "
-          f"{label:>9}  note")
+    label = {
+        "vs_pool_map": "vs Pool",
+        "speedup": "speedup",
+        "vs_ideal": "vs ideal",
+        "above_python_s": "+python s",
+    }[key]
+    print(
+        f"{'runner':34} {'items':>9} {'wall s':>8} {'setup s':>8} {'items/s':>12} {label:>9}  note"
+    )
     for r in rows:
         value = r.extra.get(key)
         shown = fmt(value, ".3f" if key == "above_python_s" else ".3g") if value else "n/a"
         if key == "above_python_s" and r is rows[0] and r.wall_s is not None:
             shown = "0"
-        print(f"{r.runner:34} {fmt(r.items, ',') if r.items else 'n/a':>9} "
-              f"{fmt(r.wall_s, '.3f'):>8} {fmt(r.setup_s, '.3f') if r.setup_s else '':>8} "
-              f"{fmt(r.items_per_s, ',.0f') if name != 'cli' else '':>12} {shown:>9}  {r.note}")
+        print(
+            f"{r.runner:34} {fmt(r.items, ',') if r.items else 'n/a':>9} "
+            f"{fmt(r.wall_s, '.3f'):>8} {fmt(r.setup_s, '.3f') if r.setup_s else '':>8} "
+            f"{fmt(r.items_per_s, ',.0f') if name != 'cli' else '':>12} {shown:>9}  {r.note}"
+        )
 
 
 def print_targets(targets: list[Target]) -> None:
     print("\n== targets (issue 7) ==")
     for t in targets:
-        print(f"[{t.status:>6}] {t.workload:8} {t.text:62} "
-              f"{fmt(t.value, '.2f')}{t.unit if t.value is not None else ''} "
-              f"(goal {'>=' if t.higher_is_better else '<='} {t.goal:g}{t.unit}; {t.margin})")
+        print(
+            f"[{t.status:>6}] {t.workload:8} {t.text:62} "
+            f"{fmt(t.value, '.2f')}{t.unit if t.value is not None else ''} "
+            f"(goal {'>=' if t.higher_is_better else '<='} {t.goal:g}{t.unit}; {t.margin})"
+        )
 
 
 def machine() -> dict[str, Any]:
@@ -642,13 +792,19 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR,
-                                capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = ""
-    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "platform": platform.platform(), "pipeflow": pipeflow.__version__,
-            "commit": commit or "unknown"}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "pipeflow": pipeflow.__version__,
+        "commit": commit or "unknown",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -656,8 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated workloads: {', '.join(WORKLOADS)}")
     parser.add_argument("--quick", action="store_true", help="a short smoke version of each")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
-    parser.add_argument("--memory-child", nargs=2, metavar=("RUNNER", "N"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=2, metavar=("RUNNER", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(args.memory_child[0], int(args.memory_child[1]))
@@ -665,18 +820,22 @@ def main(argv: list[str] | None = None) -> int:
     chosen = WORKLOADS if not args.only else tuple(s.strip() for s in args.only.split(","))
     unknown = [c for c in chosen if c not in BENCHES]
     if unknown:
-        parser.error(f"unknown workload(s) {', '.join(unknown)}; "
-                     f"choose from {', '.join(WORKLOADS)}")
+        parser.error(
+            f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}"
+        )
     info = machine()
-    print(f"pipeflow {info['pipeflow']} ({info['commit']}) | Python {info['python']} | "
-          f"{info['cpus']} CPUs "
-          f"{info['cpu_model']} | {'quick' if args.quick else 'full'} run")
+    print(
+        f"pipeflow {info['pipeflow']} ({info['commit']}) | Python {info['python']} | "
+        f"{info['cpus']} CPUs "
+        f"{info['cpu_model']} | {'quick' if args.quick else 'full'} run"
+    )
     if args.quick:
         print("quick run: sizes too small for the targets to mean much (smoke test only)")
     missing = [m for m in ("mpire", "pypeln") if not has(m)]
     if missing:
-        print(f"peers not installed (shown as n/a): {', '.join(missing)}; "
-              "pip install -e '.[bench]'")
+        print(
+            f"peers not installed (shown as n/a): {', '.join(missing)}; pip install -e '.[bench]'"
+        )
     all_rows: list[Row] = []
     all_targets: list[Target] = []
     started = time.perf_counter()
@@ -693,8 +852,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "quick": args.quick,
             "rows": [asdict(r) | {"items_per_s": r.items_per_s} for r in all_rows],
-            "targets": [asdict(t) | {"status": t.status, "margin": t.margin}
-                        for t in all_targets],
+            "targets": [asdict(t) | {"status": t.status, "margin": t.margin} for t in all_targets],
         }
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     return 0

@@ -22,13 +22,22 @@ def test_quick_trivial_benchmark_prints_table_and_exits_0() -> None:
         )
     done = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--quick", "--only", "trivial"],
-        cwd=REPO, capture_output=True, text=True, timeout=50,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=50,
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "items/s" in out
-    for runner in ("serial Python", "multiprocessing.Pool.map", "ProcessPoolExecutor.map",
-                   "mpire WorkerPool.map", "pypeln process.map", "pipeflow process"):
+    for runner in (
+        "serial Python",
+        "multiprocessing.Pool.map",
+        "ProcessPoolExecutor.map",
+        "mpire WorkerPool.map",
+        "pypeln process.map",
+        "pipeflow process",
+    ):
         line = next((ln for ln in out.splitlines() if ln.startswith(runner)), None)
         assert line is not None, f"no {runner!r} row in:\n{out}"
         assert "n/a" not in line.split("  note")[0], line
