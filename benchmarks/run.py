@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -329,10 +330,8 @@ def tree_rss(proc: Any) -> int:
 
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
     return total
 
 
@@ -570,7 +569,8 @@ def w_sha() -> Workload:
     best = best_of(imaps, "mb_per_s", True)
     return Workload(
         "sha",
-        f"64 KiB items: sha256 of {n:,} x 64 KiB on {PROCESS_WORKERS} processes, digests to a jsonl file",
+        f"64 KiB items: sha256 of {n:,} x 64 KiB on {PROCESS_WORKERS} processes, "
+        "digests to a jsonl file",
         contenders,
         [
             Target(
@@ -1027,7 +1027,8 @@ def target_line(workload: str, t: dict[str, Any]) -> str:
             f"median {t['median']:.3g}{unit} (min-max {t['min']:.3g}-{t['max']:.3g}, "
             f"{len(t['rounds'])} rounds)"
         )
-    return f"[{t['status']:>11}] {workload:8} {t['text']}: {measured}; goal {goal} {t['margin']}".rstrip()
+    line = f"[{t['status']:>11}] {workload:8} {t['text']}: {measured}; goal {goal} {t['margin']}"
+    return line.rstrip()
 
 
 def run_workload(w: Workload, rounds: int) -> dict[str, Any]:
@@ -1136,7 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [m for m in ("aiostream", "mpire", "pypeln", "psutil") if not has(m)]
     if missing:
         print(
-            f"not installed (their rows are left out): {', '.join(missing)}; pip install -e '.[bench]'"
+            f"not installed (their rows are left out): {', '.join(missing)}; "
+            "pip install -e '.[bench]'"
         )
     started = time.perf_counter()
     results: dict[str, Any] = {}
