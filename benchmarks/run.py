@@ -68,7 +68,7 @@ SIZES: dict[str, tuple[int, int]] = {
     "trivial": (1_000_000, 100_000),
     "dask": (100_000, 10_000),
     "io": (2_000, 500),
-    "gil": (400, 40),
+    "gil": (200, 20),
     "cpu": (400, 40),
     "memory_small": (1_000_000, 100_000),
     "memory_large": (10_000_000, 1_000_000),
@@ -1108,6 +1108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     parser.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help=f"override an item count ({', '.join(SIZES)}); repeatable",
+    )
+    parser.add_argument(
         "--child", nargs=3, metavar=("WORKLOAD", "CONTENDER", "N"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
@@ -1124,12 +1131,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    for item in args.size:
+        name, _, count = item.partition("=")
+        if name not in SIZES or not count.isdigit() or int(count) < 1:
+            parser.error(f"--size {item}: expected NAME=N with NAME one of {', '.join(SIZES)}")
+        SIZES[name] = (int(count), int(count))
     info = machine()
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     print(
         f"pipeflow {info['pipeflow']} ({info['commit']}) | Python {info['python']} | "
         f"{info['cpus']} CPUs {info['cpu_model']} | {date} | "
         f"{'quick' if args.quick else 'full'} run, {args.rounds} rounds"
+    )
+    print(
+        f"command: python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     )
     print("ratios are within a round; median (min-max) over the rounds")
     if args.quick:
