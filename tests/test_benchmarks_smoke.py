@@ -33,6 +33,8 @@ def test_quick_benchmark_rotates_rounds_and_prints_every_target(tmp_path: Path) 
             "2",
             "--only",
             ",".join(WORKLOADS),
+            "--size",
+            "large=40",
             "--json",
             str(out_json),
         ],
