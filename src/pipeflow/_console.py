@@ -12,10 +12,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ._errors import PipelineError
+from ._errors import PipeflowError, PipelineError
+from ._log import logger
 from ._report import RunReport, StageReport
 
-__all__ = ["LiveProgress", "print_failure", "print_summary"]
+__all__ = ["LiveProgress", "log_failure", "log_summary", "print_failure", "print_summary"]
 
 # Rates are measured over this many recent progress updates (about 5 a second).
 _RATE_WINDOW = 10
@@ -135,3 +136,25 @@ def print_failure(console: Console, error: PipelineError) -> None:
     console.print(Text(f"error: {error}", style="bold red"), soft_wrap=True)
     if error.traceback:
         console.print(Text(error.traceback.rstrip("\n")), soft_wrap=True, highlight=False)
+
+
+def log_summary(report: RunReport) -> None:
+    """The run's report as one `run_summary` log event (for `--log-format json`)."""
+    logger.info("run_summary", report=report.to_dict())
+
+
+def log_failure(error: PipeflowError) -> None:
+    """Why the run failed, as one `run_failed` log event (for `--log-format json`)."""
+    if isinstance(error, PipelineError):
+        logger.error(
+            "run_failed",
+            stage=error.stage,
+            index=error.index,
+            item=error.item_repr,
+            error=error.error_type,
+            message=error.error_message,
+            attempts=error.attempts,
+            traceback=error.traceback,
+        )
+    else:
+        logger.error("run_failed", error=type(error).__name__, message=str(error))
