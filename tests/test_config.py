@@ -305,7 +305,7 @@ def test_all_problems_are_reported_at_once_in_file_order(tmp_path: Path) -> None
     ]
     assert "did you mean 'name'?" in problems[0]
     assert "exactly one source" in problems[1] and "got items, range" in problems[1]
-    assert "give kind: or executor:, not both" in problems[2]
+    assert "give kind or executor, not both" in problems[2]
     assert "has no attribute 'nope'" in problems[3]
     assert "is int, not a callable" in problems[7]
     assert "did you mean 'thread'?" in problems[8]

@@ -89,7 +89,7 @@ def test_json_stderr_of_a_failed_run_is_json_lines_with_the_failure() -> None:
     events = json_lines(done.stderr)
     (failed,) = [e for e in events if e["event"] == "run_failed"]
     assert failed["stage"] == "picky" and failed["index"] == 2
-    assert failed["error"] == "ValueError" and failed["message"] == "three is not allowed"
+    assert failed["error"] == "ValueError" and failed["message"] == "three is not allowed (got 3)"
     assert "raise ValueError" in str(failed["traceback"])
     assert events[-1]["event"] == "run_summary"
 

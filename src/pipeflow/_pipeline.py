@@ -88,9 +88,9 @@ class Pipeline:
             if stage.on_error == "dead_letter" and self.dead_letter is None:
                 problems.append(
                     Problem(
-                        "on_error is dead_letter but there is no dead_letter: sink "
-                        "(Pipeline(dead_letter=...), or e.g. `dead_letter: {jsonl: "
-                        "errors.jsonl}` in a config)",
+                        "on_error is dead_letter but there is no dead_letter sink (give "
+                        "Pipeline a dead_letter=, or a config a dead_letter: sink such as "
+                        "`dead_letter: {jsonl: errors.jsonl}`)",
                         stage.name,
                         index,
                         "on_error",

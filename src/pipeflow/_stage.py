@@ -234,8 +234,8 @@ class Stage:
 
         if self.kind is not None and self.executor is not None:
             problem(
-                f"give kind or executor, not both (kind={self.kind!r} makes the stage its "
-                "own pool, executor names or lends one)"
+                "give kind or executor, not both (kind makes the stage its own pool, "
+                "executor names a shared one or lends one)"
             )
         if self.kind is not None and self.kind not in KINDS:
             problem(f"kind must be {_one_of(KINDS)}, got {self.kind!r}", "kind")
@@ -259,20 +259,20 @@ class Stage:
         if self.kind == "async" and not is_async:
             problem(
                 f"{_name_of(self.fn)} is a plain function but the stage is async: it "
-                "would block the event loop; use kind thread (or process), or define it "
+                "would block the event loop; use kind: thread (or process), or define it "
                 "with async def",
                 "kind",
             )
         if self.kind != "async" and is_async:
             problem(
-                f"{_name_of(self.fn)} is a coroutine function, which runs on the event loop "
-                "only: leave kind out (it is then async), not in a pool",
+                f"{_name_of(self.fn)} is a coroutine function; use kind: async, or leave "
+                "kind out (it cannot run in a thread or process pool)",
                 "executor" if self.executor is not None else "kind",
             )
         if self.kind == "dask" and not _dask_installed():
             problem(DASK_EXTRA_MISSING, "kind")
         if self.kind != "async" and self.setup is not None and _is_async_callable(self.setup):
-            problem("an async setup needs kind async", "setup")
+            problem("an async setup needs kind: async", "setup")
         if isinstance(self.retries, int) and not isinstance(self.retries, bool):
             try:
                 self.retry = Retry(attempts=self.retries)
