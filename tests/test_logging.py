@@ -107,4 +107,3 @@ def test_json_quiet_keeps_the_failure_only() -> None:
     done = pipeflow("run", "cli_configs/fails.yaml", "--log-format", "json", "--quiet")
     assert done.returncode == 1
     assert [e["event"] for e in json_lines(done.stderr)] == ["item_error", "run_failed"]
-

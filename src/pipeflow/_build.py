@@ -10,6 +10,7 @@ place, so that the library still checks everything else and every problem shows 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -199,10 +200,8 @@ def _executor(spec: ExecutorSpec) -> Pool | concurrent.futures.Executor:
 def _exceptions(names: list[str]) -> tuple[type[BaseException], ...]:
     found = []
     for name in names:
-        try:
+        with contextlib.suppress(ImportProblem):  # reported with the references
             found.append(import_exception(name))
-        except ImportProblem:
-            pass  # reported with the references
     return tuple(found)
 
 

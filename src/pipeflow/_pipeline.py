@@ -88,8 +88,8 @@ class Pipeline:
             if stage.on_error == "dead_letter" and self.dead_letter is None:
                 problems.append(
                     Problem(
-                        "on_error is dead_letter but there is no dead_letter sink (give "
-                        "Pipeline a dead_letter=, or a config a dead_letter: sink such as "
+                        "on_error is dead_letter but there is no dead_letter sink "
+                        "(Pipeline(dead_letter=...); in a config, e.g. "
                         "`dead_letter: {jsonl: errors.jsonl}`)",
                         stage.name,
                         index,
