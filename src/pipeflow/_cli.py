@@ -251,7 +251,9 @@ def _finish(
     if outcome.signals:
         raise typer.Exit(_SIGNAL_EXIT.get(signal.Signals(outcome.signals[0]), 130))
     if error is not None:
-        raise typer.Exit(EXIT_FAILED)
+        # a config problem found only once the run started (a pool that cannot start) is
+        # still a config problem
+        raise typer.Exit(EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED)
 
 
 @app.command()
