@@ -23,7 +23,7 @@ from ._errors import ConfigError
 from ._imports import ImportProblem, import_exception
 from ._pipeline import Pipeline
 from ._sinks import CallableSink, CsvSink, JsonlSink, NullSink, Sink, StdoutSink
-from ._sources import csv_rows, jsonl_records, text_lines
+from ._sources import FileSource, csv_rows, jsonl_records, text_lines
 from ._spec import ConfigSpec, ExecutorSpec, SecuritySpec, SinkSpec, SourceSpec, StageSpec
 from ._stage import ON_ERROR, Pool, Retry, Stage
 from ._yaml import DataPath
@@ -242,13 +242,17 @@ def _source(spec: SourceSpec, resolved: dict[str, Any], base: Path) -> Any:
     if spec.items is not None:
         return list(spec.items)
     if spec.lines is not None:
-        return functools.partial(text_lines, base / spec.lines.path)
+        return FileSource(text_lines, base / spec.lines.path)
     if spec.jsonl is not None:
-        return functools.partial(jsonl_records, base / spec.jsonl.path)
+        return FileSource(jsonl_records, base / spec.jsonl.path)
     if spec.csv is not None:
         csv = spec.csv
-        return functools.partial(
-            csv_rows, base / csv.path, header=csv.header, delimiter=csv.delimiter
+        return FileSource(
+            csv_rows,
+            base / csv.path,
+            header_lines=int(csv.header),
+            header=csv.header,
+            delimiter=csv.delimiter,
         )
     assert spec.fn is not None
     return functools.partial(resolved.get(spec.fn.fn, _stand_in), *spec.fn.args, **spec.fn.kwargs)

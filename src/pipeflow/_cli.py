@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import operator
 import os
 import signal
 import sys
@@ -82,8 +83,13 @@ AppDirOption = Annotated[
 ]
 
 
+def _width(stream: Any, piped: int) -> int | None:
+    # a terminal's own width, or COLUMNS when set; else wide enough for the tables
+    return None if stream.isatty() or "COLUMNS" in os.environ else piped
+
+
 def _stderr() -> Console:
-    return Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+    return Console(stderr=True, highlight=False, width=_width(sys.stderr, 120))
 
 
 def _usage_error(lines: list[str], *, as_json: bool = False) -> NoReturn:
@@ -160,7 +166,8 @@ def run(
     show_progress = console.is_terminal and not quiet and not as_json
     outcome = _Outcome()
     if show_progress:
-        with LiveProgress(console) as live:
+        total = operator.length_hint(pipeline.source, 0) or None
+        with LiveProgress(console, total) as live:
             # log lines written meanwhile go through the live display, above the table
             configure_logging(log_format.value, logging.INFO)
             try:
@@ -343,7 +350,7 @@ def bench(
         console.print(f"{point.label}: {kind} {number}: {outcome}", highlight=False)
 
     result = run_bench(plan, on_run=show)
-    print_bench(Console(highlight=False, width=None if sys.stdout.isatty() else 160), result)
+    print_bench(Console(highlight=False, width=_width(sys.stdout, 160)), result)
     if output is not None:
         write_results(result, output)
     if plot is not None:
