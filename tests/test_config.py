@@ -433,3 +433,8 @@ def test_schema_describes_the_config_for_editors() -> None:
     assert {"fn", "kind", "workers", "executor", "timeout", "retries"} <= set(stage["properties"])
     assert stage["properties"]["workers"]["default"] == 1
     json.dumps(schema)
+
+
+def test_stages_of_the_wrong_shape_are_not_taken_for_duplicates(tmp_path: Path) -> None:
+    problems = problems_of(write(tmp_path, "source: {items: [1]}\nstages: [1, 2]\nsink: {null:}\n"))
+    assert [p.split(": ", 2)[1] for p in problems] == ["stages[0]", "stages[1]"], problems

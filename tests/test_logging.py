@@ -72,8 +72,10 @@ def json_lines(stderr: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in stderr.splitlines()]
 
 
-def test_json_stderr_of_a_run_is_json_lines_with_the_summary() -> None:
-    done = pipeflow("run", "cli_configs/dead_letters.yaml", "--log-format", "json")
+def test_json_stderr_of_a_run_is_json_lines_with_the_summary(tmp_path: Path) -> None:
+    done = pipeflow(
+        "run", "cli_configs/dead_letters.yaml", "--log-format", "json", OUT_DIR=str(tmp_path)
+    )
     assert done.returncode == 0, done.stderr
     events = json_lines(done.stderr)
     assert [e["event"] for e in events][-2:] == ["run_end", "run_summary"]

@@ -135,9 +135,7 @@ def test_a_file_source_knows_its_length(tmp_path: Path, monkeypatch: pytest.Monk
     assert operator.length_hint(FileSource(text_lines, path)) == 3
     (tmp_path / "table.csv").write_text("a,b\n1,2\n3,4\n")
     config = tmp_path / "config.yaml"
-    config.write_text(
-        "source: {csv: table.csv}\nstages: [{fn: builtins:len}]\nsink: {null: {}}\n"
-    )
+    config.write_text("source: {csv: table.csv}\nstages: [{fn: builtins:len}]\nsink: {null: {}}\n")
     pipeline = pipeflow.load(config, app_dir=tmp_path)
     assert operator.length_hint(pipeline.source) == 2
     assert pipeline.run_sync().items_read == 2

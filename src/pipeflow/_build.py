@@ -79,7 +79,7 @@ def build_pipeline(
     stages: list[Stage] = []
     for index, stage_spec in enumerate(parts.stages):
         if not isinstance(stage_spec, StageSpec):
-            stages.append(_placeholder(stage_spec))
+            stages.append(_placeholder(stage_spec, index))
             continue
         try:
             stages.append(_stage(stage_spec, resolved))
@@ -88,7 +88,7 @@ def build_pipeline(
             for problem in exc.details:
                 at = problem.key if problem.key in stage_spec.model_fields_set else None
                 add(("stages", index, at) if at else ("stages", index), problem.what)
-            stages.append(_placeholder(stage_spec.model_dump()))
+            stages.append(_placeholder(stage_spec.model_dump(), index))
     if not stages:
         return None
     try:
@@ -106,7 +106,7 @@ def build_pipeline(
         for problem in exc.details:
             path: DataPath = () if problem.index is None else ("stages", problem.index)
             given = data["stages"][problem.index] if problem.index is not None else {}
-            if problem.key is not None and problem.key in given:
+            if problem.key is not None and isinstance(given, dict) and problem.key in given:
                 path = (*path, problem.key)
             add(path, problem.what)
         return None
@@ -154,13 +154,13 @@ def _valid_parts(data: dict[str, Any]) -> _Parts:
     )
 
 
-def _placeholder(raw: dict[str, Any]) -> Stage:
+def _placeholder(raw: dict[str, Any], index: int) -> Stage:
     """A stand-in for a stage that cannot be built, with what the pipeline checks across
     stages: its name, executor and error policy."""
     executor, on_error = raw.get("executor"), raw.get("on_error")
     return Stage(
         _stand_in,
-        name=stage_name(raw) or "?",
+        name=stage_name(raw) or f"stages[{index}]",
         executor=executor if isinstance(executor, str) else None,
         on_error=on_error if on_error in ON_ERROR else "fail",
     )
