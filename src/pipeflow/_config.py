@@ -31,6 +31,7 @@ from ._imports import (
 )
 from ._pipeline import Pipeline
 from ._spec import ConfigSpec, schema
+from ._stage import PICKLING_KINDS
 from ._yaml import DataPath, Document, Origin, read_yaml
 
 __all__ = ["load", "schema", "stage_name"]
@@ -331,9 +332,8 @@ class _Loader:
 
     def _check_stage(self, path: DataPath, raw: dict[str, Any], executors: dict[str, Any]) -> None:
         executor = executors.get(raw.get("executor"))  # type: ignore[arg-type]
-        remote = ("process", "dask")
-        in_process = raw.get("kind") in remote or (
-            isinstance(executor, dict) and executor.get("kind") in remote
+        in_process = raw.get("kind") in PICKLING_KINDS or (
+            isinstance(executor, dict) and executor.get("kind") in PICKLING_KINDS
         )
         for key in ("fn", "setup", "teardown"):
             ref = raw.get(key)

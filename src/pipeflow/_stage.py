@@ -24,6 +24,7 @@ __all__ = [
     "OPS",
     "OnError",
     "Op",
+    "PICKLING_KINDS",
     "POOL_KINDS",
     "Pool",
     "PoolKind",
@@ -44,6 +45,8 @@ KINDS: tuple[Kind, ...] = get_args(Kind)
 OPS: tuple[Op, ...] = get_args(Op)
 ON_ERROR: tuple[OnError, ...] = get_args(OnError)
 START_METHODS: tuple[StartMethod, ...] = get_args(StartMethod)
+# the kinds whose callables are pickled to reach their workers
+PICKLING_KINDS: tuple[PoolKind, ...] = ("process", "dask")
 
 DASK_EXTRA_MISSING = (
     "kind dask needs the dask extra, which is not installed: pip install 'pipeflow[dask]'"
