@@ -49,7 +49,7 @@ def _to_record(
     full = {
         **event,
         "level": "warning" if method == "warn" else method,
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
+        "timestamp": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
     return (message,), {"extra": {_EVENT: full}}
 
