@@ -96,13 +96,20 @@ def test_json_stderr_of_a_failed_run_is_json_lines_with_the_failure() -> None:
     assert events[-1]["event"] == "run_summary"
 
 
-@pytest.mark.parametrize("config", ["broken_configs/unknown_key.yaml", "no_such_file.yaml"])
-def test_json_stderr_of_a_bad_config_is_json_lines(config: str) -> None:
-    done = pipeflow("run", config, "--log-format", "json")
+@pytest.mark.parametrize(
+    ("args", "start"),
+    [
+        (["broken_configs/unknown_key.yaml"], "broken_configs/unknown_key.yaml:"),
+        (["no_such_file.yaml"], "no_such_file.yaml:"),
+        (["cli_configs/fails.yaml", "--set", "workers"], "--set workers:"),
+    ],
+)
+def test_json_stderr_of_a_bad_config_is_json_lines(args: list[str], start: str) -> None:
+    done = pipeflow("run", *args, "--log-format", "json")
     assert done.returncode == 2
     events = json_lines(done.stderr)
     assert events and all(e["event"] == "config_error" for e in events)
-    assert all(str(e["problem"]).startswith(config) for e in events)
+    assert all(str(e["problem"]).startswith(start) for e in events)
 
 
 def test_json_quiet_keeps_the_failure_only() -> None:

@@ -101,12 +101,15 @@ def _usage_error(lines: list[str], *, as_json: bool = False) -> NoReturn:
     raise typer.Exit(EXIT_USAGE)
 
 
-def _overrides(sets: list[str] | None) -> dict[str, str]:
+def _overrides(sets: list[str] | None, *, as_json: bool = False) -> dict[str, str]:
     overrides: dict[str, str] = {}
     for item in sets or []:
         path, equals, value = item.partition("=")
         if not equals or not path:
-            _usage_error([f"--set {item}: write --set PATH=VALUE, e.g. stages.square.workers=8"])
+            _usage_error(
+                [f"--set {item}: write --set PATH=VALUE, e.g. stages.square.workers=8"],
+                as_json=as_json,
+            )
         overrides[path.strip()] = value
     return overrides
 
@@ -114,7 +117,7 @@ def _overrides(sets: list[str] | None) -> dict[str, str]:
 def _load(
     config: str, sets: list[str] | None, app_dir: Path | None, *, as_json: bool = False
 ) -> Pipeline:
-    overrides = _overrides(sets)
+    overrides = _overrides(sets, as_json=as_json)
     try:
         return load(config, overrides, app_dir=app_dir)
     except ConfigError as exc:
