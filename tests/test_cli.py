@@ -170,8 +170,8 @@ def test_quiet_shows_neither_progress_nor_summary_nor_info_logs() -> None:
 def test_json_logs() -> None:
     done = pipeflow("run", "configs/squares.yaml", "--log-format", "json", cwd=ROOT)
     assert done.returncode == 0
-    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
-    assert [e["event"] for e in events] == ["run_start", "run_end"]
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [e["event"] for e in events] == ["run_start", "run_end", "run_summary"]
     assert events[1]["status"] == "ok"
 
 

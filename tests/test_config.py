@@ -244,7 +244,7 @@ BROKEN_EXPECTED = {
     ],
     "duplicate_stage.yaml": [(7, 11, "stages.step.name", "duplicate stage name 'step'")],
     "dead_letter_without_sink.yaml": [
-        (7, 15, "stages.square.on_error", "no dead_letter: sink"),
+        (7, 15, "stages.square.on_error", "no dead_letter sink"),
     ],
     "unpicklable_process_fn.yaml": [
         (
@@ -279,16 +279,18 @@ def test_broken_configs_report_each_problem_at_its_line_and_column(
         assert what in match["what"]
 
 
+MANY_PROBLEMS = (
+    "nme: x\nsource: {range: {stop: 3}, items: [1]}\nstages:\n"
+    "  - {name: a, fn: config_fns:nope, kind: process, executor: cpu}\n"
+    "  - {name: b, fn: config_fns:square, worker: 2, timeout: soon}\n"
+    "  - {name: c, fn: config_fns:not_callable}\n"
+    "  - {name: d, fn: config_fns:square, kind: thred, retries: {retry_on: [NoSuchError]}}\n"
+    "sink: {stdout: {format: html}}\n"
+)
+
+
 def test_all_problems_are_reported_at_once_in_file_order(tmp_path: Path) -> None:
-    path = write(
-        tmp_path,
-        "nme: x\nsource: {range: {stop: 3}, items: [1]}\nstages:\n"
-        "  - {name: a, fn: config_fns:nope, kind: process, executor: cpu}\n"
-        "  - {name: b, fn: config_fns:square, worker: 2, timeout: soon}\n"
-        "  - {name: c, fn: config_fns:not_callable}\n"
-        "  - {name: d, fn: config_fns:square, kind: thred, retries: {retry_on: [NoSuchError]}}\n"
-        "sink: {stdout: {format: html}}\n",
-    )
+    path = write(tmp_path, MANY_PROBLEMS)
     problems = problems_of(path)
     assert [p.split(": ", 2)[1] for p in problems] == [
         "nme",
@@ -305,7 +307,7 @@ def test_all_problems_are_reported_at_once_in_file_order(tmp_path: Path) -> None
     ]
     assert "did you mean 'name'?" in problems[0]
     assert "exactly one source" in problems[1] and "got items, range" in problems[1]
-    assert "give kind: or executor:, not both" in problems[2]
+    assert "give kind or executor, not both" in problems[2]
     assert "has no attribute 'nope'" in problems[3]
     assert "is int, not a callable" in problems[7]
     assert "did you mean 'thread'?" in problems[8]
@@ -313,25 +315,30 @@ def test_all_problems_are_reported_at_once_in_file_order(tmp_path: Path) -> None
     assert "expected 'json' or 'text', got 'html'" in problems[10]
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("", "the file is empty"),
-        ("- 1\n- 2\n", "a config is a mapping"),
-        ("source: !!python/object:os.system {}\n", "unsupported YAML tag"),
-        ("a: 1\na: 2\n", "duplicate key 'a'"),
-        ("source: {range: {stop: 3}}\nstages: []\nsink: {null: {}}\n", "at least 1 item"),
-        (
-            "source: {lines: no_such.txt}\nstages: [{fn: config_fns:square}]\nsink: {null:}\n",
-            "no such file",
-        ),
-        (
-            "version: 2\nsource: {items: []}\nstages: [{fn: config_fns:square}]\nsink: {null:}\n",
-            "expected 1, got 2",
-        ),
-        ("source: {items: []}\nstages: [{fn: square}]\nsink: {null:}\n", "should match pattern"),
-    ],
-)
+OTHER_PROBLEMS = [
+    ("", "the file is empty"),
+    ("- 1\n- 2\n", "a config is a mapping"),
+    ("source: !!python/object:os.system {}\n", "unsupported YAML tag"),
+    ("a: 1\na: 2\n", "duplicate key 'a'"),
+    ("source: {range: {stop: 3}}\nstages: []\nsink: {null: {}}\n", "at least 1 item"),
+    (
+        "source: {lines: no_such.txt}\nstages: [{fn: config_fns:square}]\nsink: {null:}\n",
+        "no such file",
+    ),
+    (
+        "version: 2\nsource: {items: []}\nstages: [{fn: config_fns:square}]\nsink: {null:}\n",
+        "expected 1, got 2",
+    ),
+    ("source: {items: []}\nstages: [{fn: square}]\nsink: {null:}\n", "should match pattern"),
+    ("source: {items: [1]}\nstages: [{fn: config_fns:square}]\nsink: {}\n", "exactly one sink"),
+    (
+        "source: {range: null}\nstages: [{fn: config_fns:square}]\nsink: {null:}\n",
+        "source.range: give a value, or leave the key out",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), OTHER_PROBLEMS)
 def test_other_problems(tmp_path: Path, text: str, message: str) -> None:
     problems = problems_of(write(tmp_path, text))
     assert any(message in p for p in problems), problems
@@ -426,3 +433,8 @@ def test_schema_describes_the_config_for_editors() -> None:
     assert {"fn", "kind", "workers", "executor", "timeout", "retries"} <= set(stage["properties"])
     assert stage["properties"]["workers"]["default"] == 1
     json.dumps(schema)
+
+
+def test_stages_of_the_wrong_shape_are_not_taken_for_duplicates(tmp_path: Path) -> None:
+    problems = problems_of(write(tmp_path, "source: {items: [1]}\nstages: [1, 2]\nsink: {null:}\n"))
+    assert [p.split(": ", 2)[1] for p in problems] == ["stages[0]", "stages[1]"], problems

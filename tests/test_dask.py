@@ -198,9 +198,9 @@ def test_a_dask_pool_without_the_extra_asks_to_install_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "distributed", None)
-    pipeline = Pipeline([Stage(fns.square, kind="dask")])
-    with pytest.raises(pipeflow.ConfigError, match=r"install pipeflow\[dask\]"):
-        pipeline.run_sync(range(3))
+    # refused where the stage is declared, before anything starts
+    with pytest.raises(pipeflow.ConfigError, match=r"pip install 'pipeflow\[dask\]'"):
+        Stage(fns.square, kind="dask")
     assert not worker_processes()
 
 

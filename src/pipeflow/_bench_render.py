@@ -29,6 +29,10 @@ def _s(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+# the columns whose cells are names, which wrap between words; figures never wrap
+_WORDS = ("point", "stage", "kind", "slowest stage")
+
+
 def print_bench(console: Console, result: BenchResult) -> None:
     """The points table, the per-stage table and the recommendation."""
     plan = result.plan
@@ -36,14 +40,7 @@ def print_bench(console: Console, result: BenchResult) -> None:
         f"{result.pipeline}: {len(result.points)} points x {plan.repeat} runs "
         f"(+{plan.warmup} warm-up); times in seconds, figures of the median run"
     )
-    table = Table(
-        title=Text(title, style="bold"),
-        title_justify="left",
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    columns = (
+    columns = [
         "point",
         "wall min",
         "median",
@@ -57,45 +54,37 @@ def print_bench(console: Console, result: BenchResult) -> None:
         "RSS MB parent",
         "workers",
         "output",
-    )
-    for column in columns:
-        table.add_column(
-            column, justify="left" if column in ("point", "slowest stage") else "right"
-        )
+    ]
     best = result.best
     differing = {id(point) for point in result.differing}
+    rows: list[list[str | Text]] = []
     for point in result.points:
         if not point.ok:
-            table.add_row(point.label, Text(f"failed: {point.error}", style="red"))
+            rows.append([point.label, Text(f"failed: {point.error}", style="red")])
             continue
         run = point.median_run
         slowest = run.slowest_stage
         walls = point.walls
         output = Text("differs", style="red") if id(point) in differing else Text("same")
-        table.add_row(
-            Text(point.label, style="bold green" if point is best else ""),
-            _s(min(walls)),
-            _s(point.wall_median),
-            _s(max(walls)),
-            f"{point.items_per_s:,.0f}",
-            _s(run.pool_start_s),
-            _s(run.pool_stop_s),
-            _s(run.serialise_s if any(s.serialise_s is not None for s in run.stages) else None),
-            f"{run.parent_cpu_s:.2f}s",
-            f"{slowest.name} {slowest.utilisation:.0%}",
-            _mb(run.parent_rss_mb),
-            _mb(run.workers_rss_total_mb),
-            output,
+        rows.append(
+            [
+                Text(point.label, style="bold green" if point is best else ""),
+                _s(min(walls)),
+                _s(point.wall_median),
+                _s(max(walls)),
+                f"{point.items_per_s:,.0f}",
+                _s(run.pool_start_s),
+                _s(run.pool_stop_s),
+                _s(run.serialise_s if any(s.serialise_s is not None for s in run.stages) else None),
+                f"{run.parent_cpu_s:.2f}s",
+                f"{slowest.name} {slowest.utilisation:.0%}",
+                _mb(run.parent_rss_mb),
+                _mb(run.workers_rss_total_mb),
+                output,
+            ]
         )
-    console.print(table)
-    stages = Table(
-        title=Text("stages (median run)", style="bold"),
-        title_justify="left",
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    stage_columns = (
+    _print_fitted(console, title, columns, rows, keys=1)
+    stage_columns = [
         "point",
         "stage",
         "kind",
@@ -108,32 +97,93 @@ def print_bench(console: Console, result: BenchResult) -> None:
         "queue peak",
         "pickling",
         "bytes in/out",
-    )
-    for column in stage_columns:
-        stages.add_column(
-            column, justify="left" if column in ("point", "stage", "kind") else "right"
-        )
+    ]
+    stage_rows: list[list[str | Text]] = []
     for point in result.points:
         if not point.ok:
             continue
         for stage in point.median_run.stages:
-            stages.add_row(
-                point.label,
-                stage.name,
-                stage.kind,
-                str(stage.workers),
-                str(stage.calls),
-                _s(stage.busy_s),
-                f"{stage.utilisation:.0%}",
-                _s(stage.idle_s),
-                _s(stage.blocked_s),
-                f"{stage.queue_high_water}",
-                _s(stage.serialise_s),
-                _bytes(stage),
+            stage_rows.append(
+                [
+                    point.label,
+                    stage.name,
+                    stage.kind,
+                    str(stage.workers),
+                    str(stage.calls),
+                    _s(stage.busy_s),
+                    f"{stage.utilisation:.0%}",
+                    _s(stage.idle_s),
+                    _s(stage.blocked_s),
+                    f"{stage.queue_high_water}",
+                    _s(stage.serialise_s),
+                    _bytes(stage),
+                ]
             )
-    console.print(stages)
+    _print_fitted(console, "stages (median run)", stage_columns, stage_rows, keys=2)
     console.print(Text("Recommendation", style="bold"))
     console.print(result.recommendation, soft_wrap=True, highlight=False, markup=False)
+
+
+def _print_fitted(
+    console: Console,
+    title: str,
+    columns: list[str],
+    rows: list[list[str | Text]],
+    keys: int,
+) -> None:
+    """`rows` as one table, or as several that each fit the console's width.
+
+    Every table repeats the first `keys` columns, which name the row. Headers and names
+    wrap between words when the console is narrow; figures keep their width, so nothing
+    is cut.
+    """
+    whole = [row for row in rows if len(row) == len(columns)]  # a failed point is shorter
+
+    def widths(index: int) -> tuple[int, int]:
+        """The column's width with its header on one line, and its least width."""
+        column = (row[index] for row in whole)
+        cells = [Text(cell) if isinstance(cell, str) else cell for cell in column]
+        if columns[index] in _WORDS:
+            least = [len(word) for cell in cells for word in cell.plain.split()]
+            natural = [cell.cell_len for cell in cells]
+        else:
+            least = natural = [cell.cell_len for cell in cells]
+        header = columns[index]
+        return max([len(header), *natural]), max([len(w) for w in header.split()] + least)
+
+    natural, least = zip(*(widths(index) for index in range(len(columns))), strict=True)
+
+    def fits(shown: list[int], sizes: tuple[int, ...]) -> bool:
+        # cells, 3 columns between two of them, 1 at each edge
+        return sum(sizes[i] for i in shown) + 3 * (len(shown) - 1) + 2 <= console.width
+
+    groups: list[list[int]] = [[]]
+    for index in range(keys, len(columns)):
+        if groups[-1] and not fits([*range(keys), *groups[-1], index], least):
+            groups.append([])
+        groups[-1].append(index)
+    for number, group in enumerate(groups):
+        table = Table(
+            title=Text(title, style="bold") if number == 0 else None,
+            title_justify="left",
+            header_style="bold",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        shown = [*range(keys), *group]
+        sizes = natural if fits(shown, natural) else least
+        for index in shown:
+            words = columns[index] in _WORDS
+            table.add_column(
+                columns[index],
+                justify="left" if words else "right",
+                min_width=sizes[index] if words else None,
+                width=None if words else sizes[index],
+                overflow="fold",
+            )
+        for row in rows:
+            table.add_row(*(row[index] if index < len(row) else "" for index in shown))
+        console.print(table)
 
 
 def _bytes(stage: StageFigures) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import operator
 import os
 import signal
 import sys
@@ -20,13 +21,14 @@ from typing import Annotated, Any, NoReturn
 import anyio
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from . import __version__
 from ._bench import parse_matrix, plan_bench, run_bench
 from ._bench_figures import PointResult
 from ._bench_render import PlotUnavailable, check_plotting, print_bench, write_plot, write_results
 from ._config import load, schema
-from ._console import LiveProgress, print_failure, print_summary
+from ._console import LiveProgress, log_failure, log_summary, print_failure, print_summary
 from ._errors import ConfigError, PipeflowError, PipelineError
 from ._graph import draw
 from ._log import configure_logging, logger
@@ -81,32 +83,45 @@ AppDirOption = Annotated[
 ]
 
 
+def _width(stream: Any, piped: int) -> int | None:
+    # a terminal's own width, or COLUMNS when set; else wide enough for the tables
+    return None if stream.isatty() or "COLUMNS" in os.environ else piped
+
+
 def _stderr() -> Console:
-    return Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+    return Console(stderr=True, highlight=False, width=_width(sys.stderr, 120))
 
 
-def _usage_error(lines: list[str]) -> NoReturn:
+def _usage_error(lines: list[str], *, as_json: bool = False) -> NoReturn:
     for line in lines:
-        print(line, file=sys.stderr)
+        if as_json:
+            logger.error("config_error", problem=line)
+        else:
+            print(line, file=sys.stderr)
     raise typer.Exit(EXIT_USAGE)
 
 
-def _overrides(sets: list[str] | None) -> dict[str, str]:
+def _overrides(sets: list[str] | None, *, as_json: bool = False) -> dict[str, str]:
     overrides: dict[str, str] = {}
     for item in sets or []:
         path, equals, value = item.partition("=")
         if not equals or not path:
-            _usage_error([f"--set {item}: write --set PATH=VALUE, e.g. stages.square.workers=8"])
+            _usage_error(
+                [f"--set {item}: write --set PATH=VALUE, e.g. stages.square.workers=8"],
+                as_json=as_json,
+            )
         overrides[path.strip()] = value
     return overrides
 
 
-def _load(config: str, sets: list[str] | None, app_dir: Path | None) -> Pipeline:
-    overrides = _overrides(sets)
+def _load(
+    config: str, sets: list[str] | None, app_dir: Path | None, *, as_json: bool = False
+) -> Pipeline:
+    overrides = _overrides(sets, as_json=as_json)
     try:
         return load(config, overrides, app_dir=app_dir)
     except ConfigError as exc:
-        _usage_error(exc.problems)
+        _usage_error(exc.problems, as_json=as_json)
 
 
 def _version(value: bool) -> None:
@@ -147,12 +162,15 @@ def run(
     a second one cancels at once).
     """
     configure_logging(log_format.value, logging.WARNING if quiet else logging.INFO)
-    pipeline = _load(config, sets, app_dir)
+    as_json = log_format is LogFormat.json
+    pipeline = _load(config, sets, app_dir, as_json=as_json)
     console = _stderr()
-    show_progress = console.is_terminal and not quiet
+    # with json, every line of stderr is a JSON object: no live table, no rich text
+    show_progress = console.is_terminal and not quiet and not as_json
     outcome = _Outcome()
     if show_progress:
-        with LiveProgress(console) as live:
+        total = operator.length_hint(pipeline.source, 0) or None
+        with LiveProgress(console, total) as live:
             # log lines written meanwhile go through the live display, above the table
             configure_logging(log_format.value, logging.INFO)
             try:
@@ -161,7 +179,7 @@ def run(
                 configure_logging(log_format.value, logging.INFO)
     else:
         anyio.run(_run, pipeline, None, outcome)
-    _finish(outcome, report, console, quiet)
+    _finish(outcome, report, console, quiet, as_json)
 
 
 class _Outcome:
@@ -218,7 +236,9 @@ def _broken_pipe(error: BaseException | None) -> bool:
     return False
 
 
-def _finish(outcome: _Outcome, report_file: Path | None, console: Console, quiet: bool) -> None:
+def _finish(
+    outcome: _Outcome, report_file: Path | None, console: Console, quiet: bool, as_json: bool
+) -> None:
     report, error = outcome.report, outcome.error
     if report_file is not None and report is not None:
         report_file.write_text(report.to_json() + "\n", encoding="utf-8")
@@ -226,18 +246,24 @@ def _finish(outcome: _Outcome, report_file: Path | None, console: Console, quiet
         # stdout's reader left: no message, and no second BrokenPipeError at exit's flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(EXIT_BROKEN_PIPE)
-    if isinstance(error, PipelineError):
+    if isinstance(error, PipeflowError) and as_json:
+        log_failure(error)
+    elif isinstance(error, PipelineError):
         print_failure(console, error)
     elif isinstance(error, PipeflowError):
-        console.print(f"[bold red]error:[/] {type(error).__name__}: {error}", soft_wrap=True)
+        console.print(Text(f"error: {type(error).__name__}: {error}", style="bold red"))
     elif error is not None:
         raise error
-    if report is not None and not quiet:
+    if report is not None and as_json:
+        log_summary(report)
+    elif report is not None and not quiet:
         print_summary(console, report)
     if outcome.signals:
         raise typer.Exit(_SIGNAL_EXIT.get(signal.Signals(outcome.signals[0]), 130))
     if error is not None:
-        raise typer.Exit(EXIT_FAILED)
+        # a config problem found only once the run started (a pool that cannot start) is
+        # still a config problem
+        raise typer.Exit(EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED)
 
 
 @app.command()
@@ -327,7 +353,7 @@ def bench(
         console.print(f"{point.label}: {kind} {number}: {outcome}", highlight=False)
 
     result = run_bench(plan, on_run=show)
-    print_bench(Console(highlight=False, width=None if sys.stdout.isatty() else 160), result)
+    print_bench(Console(highlight=False, width=_width(sys.stdout, 160)), result)
     if output is not None:
         write_results(result, output)
     if plot is not None:

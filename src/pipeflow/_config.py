@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from ._build import build_pipeline
+from ._build import build_pipeline, stage_name
 from ._errors import ConfigError
 from ._imports import (
     ImportProblem,
@@ -31,11 +31,12 @@ from ._imports import (
 )
 from ._pipeline import Pipeline
 from ._spec import ConfigSpec, schema
+from ._stage import PICKLING_KINDS
 from ._yaml import DataPath, Document, Origin, read_yaml
 
 __all__ = ["load", "schema", "stage_name"]
 
-_CUSTOM_ERRORS = ("duration", "batch", "exactly_one", "kind_and_executor")
+_CUSTOM_ERRORS = ("duration", "batch", "exactly_one", "null")
 _EXPECTED = {
     "int_parsing": "an int",
     "int_type": "an int",
@@ -80,22 +81,14 @@ def load(
         loader.override(key, value)
     spec = loader.validate()
     loader.check_references()
-    loader.raise_problems()
-    assert spec is not None
-    pipeline = build_pipeline(spec, loader.resolved, loader.base, loader.file_name, loader.add)
+    pipeline = None
+    if isinstance(loader.doc.data, dict):
+        pipeline = build_pipeline(
+            spec, loader.doc.data, loader.resolved, loader.base, loader.file_name, loader.add
+        )
     loader.raise_problems()
     assert pipeline is not None
     return pipeline
-
-
-def stage_name(raw: Any) -> str | None:
-    """A stage's name as the config gives it, or as it defaults from its `fn`."""
-    if not isinstance(raw, dict):
-        return None
-    if isinstance(raw.get("name"), str):
-        return str(raw["name"])
-    fn = raw.get("fn")
-    return fn.rpartition(":")[2].rpartition(".")[2] or None if isinstance(fn, str) else None
 
 
 def _read(path: str | Path) -> Document:
@@ -321,49 +314,26 @@ class _Loader:
     # --- references ---
 
     def check_references(self) -> None:
-        """Import every callable, check process callables pickle, match names across parts."""
+        """Import every callable and check process callables pickle.
+
+        How the parts fit together (names, executors, policies) is for the library's
+        constructors to say, in `build_pipeline`.
+        """
         data = self.doc.data
         if not isinstance(data, dict):
             return
         executors = data["executors"] if isinstance(data.get("executors"), dict) else {}
         stages = data["stages"] if isinstance(data.get("stages"), list) else []
-        first: dict[str, DataPath] = {}
         for index, raw in enumerate(stages):
-            path: DataPath = ("stages", index)
-            if not isinstance(raw, dict):
-                continue
-            name = stage_name(raw)
-            name_path = (*path, "name") if "name" in raw else path
-            if name is not None and name in first:
-                self.add(
-                    name_path,
-                    f"duplicate stage name {name!r} (first at {self.doc.origin(first[name])}); "
-                    "stage names must be unique",
-                )
-            elif name is not None:
-                first[name] = name_path
-            executor = raw.get("executor")
-            if isinstance(executor, str) and executor not in executors:
-                known = ", ".join(executors) or "none declared"
-                hint = did_you_mean(executor, executors)
-                self.add(
-                    (*path, "executor"), f"unknown executor {executor!r} (executors: {known}){hint}"
-                )
-            if raw.get("on_error") == "dead_letter" and data.get("dead_letter") is None:
-                self.add(
-                    (*path, "on_error"),
-                    "on_error is dead_letter but the config has no dead_letter: sink "
-                    "(add e.g. `dead_letter: {jsonl: errors.jsonl}`)",
-                )
-            self._check_stage(path, raw, executors)
+            if isinstance(raw, dict):
+                self._check_stage(("stages", index), raw, executors)
         for part in ("source", "sink", "dead_letter"):
             self._check_end(part, data.get(part))
 
     def _check_stage(self, path: DataPath, raw: dict[str, Any], executors: dict[str, Any]) -> None:
         executor = executors.get(raw.get("executor"))  # type: ignore[arg-type]
-        remote = ("process", "dask")
-        in_process = raw.get("kind") in remote or (
-            isinstance(executor, dict) and executor.get("kind") in remote
+        in_process = raw.get("kind") in PICKLING_KINDS or (
+            isinstance(executor, dict) and executor.get("kind") in PICKLING_KINDS
         )
         for key in ("fn", "setup", "teardown"):
             ref = raw.get(key)

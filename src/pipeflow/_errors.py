@@ -14,6 +14,7 @@ PipeflowError
 from __future__ import annotations
 
 import reprlib
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "PipeflowError",
     "PipelineError",
     "PoolStartError",
+    "Problem",
     "RemoteTraceback",
     "WorkerCrashed",
     "short_repr",
@@ -50,15 +52,46 @@ class PipeflowError(Exception):
     """The root of every error pipeflow raises."""
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a `Stage`, `Pool` or `Pipeline`, and what it is about.
+
+    The config layer reads `stage` and `key` to show the problem at the position of that
+    key in the YAML file.
+
+    Attributes:
+        what: What is wrong, e.g. `workers must be a positive int, got 0`.
+        stage: The name of the stage it is about, if any.
+        index: The position of that stage in the pipeline, when known.
+        key: The argument (config key) it is about, e.g. `kind`, or None for the whole.
+    """
+
+    what: str
+    stage: str | None = None
+    index: int | None = None
+    key: str | None = None
+
+    def __str__(self) -> str:
+        return self.what if self.stage is None else f"stage {self.stage!r}: {self.what}"
+
+
 class ConfigError(PipeflowError, ValueError):
     """A pipeline is declared wrongly: bad config, bad argument, unimportable callable.
 
     Args:
-        problems: One line per problem, `FILE:LINE:COL: where: what` when a file is known.
+        problems: One line per problem, `FILE:LINE:COL: where: what` when a file is known,
+            or `Problem`s that say which stage and key each one is about.
+
+    Attributes:
+        problems: One line per problem.
+        details: The same problems as `Problem`s (a plain line is a `Problem` without a
+            stage or key).
     """
 
-    def __init__(self, problems: str | list[str]) -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+    def __init__(self, problems: str | Problem | list[str] | list[Problem]) -> None:
+        given = problems if isinstance(problems, list) else [problems]
+        self.details = [p if isinstance(p, Problem) else Problem(p) for p in given]
+        self.problems = [str(p) for p in self.details]
         super().__init__("\n".join(self.problems))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ._pipeline import Pipeline
+from ._sources import FileSource
 
 __all__ = ["FORMATS", "draw"]
 
@@ -52,7 +53,7 @@ def _source_label(source: Any) -> str:
         return f"{getattr(source.func, '__name__', 'fn')}({', '.join(args)})"
     if isinstance(source, list):
         return f"items ({len(source)})"
-    return repr(source) if isinstance(source, range) else type(source).__name__
+    return repr(source) if isinstance(source, range | FileSource) else type(source).__name__
 
 
 def _sink_label(sink: Any) -> str:

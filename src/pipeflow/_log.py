@@ -1,45 +1,100 @@
 """pipeflow's structlog logger, and how the command line renders it.
 
-The library logs through the standard `logging` module under the name `pipeflow`, so an
-embedding app decides where (and whether) events go. The command line calls
-`configure_logging` to render them to stderr, as console lines or JSON.
+As a library, pipeflow logs through the standard `logging` module under the name
+`pipeflow`, which has a `NullHandler` and nothing else: an app that configures no logging
+sees nothing (not even Python's last-resort handler for warnings), and an app that does
+configure it gets one readable line per event, `item_error stage=guard index=7 ...`, with
+its own format. `configure_logging` renders the same events as pipeflow's console lines or
+as JSON objects, which is what the `pipeflow` command does.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
-from typing import Any
+from collections.abc import Mapping, MutableMapping
+from typing import Any, Literal
 
 import structlog
 
-__all__ = ["configure_logging", "logger"]
+__all__ = ["LogFormat", "configure_logging", "logger"]
+
+LogFormat = Literal["console", "json"]
+
+# Where each record keeps its full event (level and UTC timestamp included), for
+# `configure_logging`'s formatter; other formatters read the readable message.
+_EVENT = "pipeflow_event"
+
+logging.getLogger("pipeflow").addHandler(logging.NullHandler())
+
+
+def _readable(event: Mapping[str, Any]) -> str:
+    """`item_error stage=guard index=7 message='bad value'`: the event, then its fields."""
+    fields = []
+    for key, value in event.items():
+        if key == "event":
+            continue
+        text = str(value)
+        shown = text if text and not any(c in text for c in " '\"=\n") else repr(value)
+        fields.append(f"{key}={shown}")
+    return " ".join([str(event.get("event", "")), *fields])
+
+
+def _to_record(
+    logger: logging.Logger, method: str, event: MutableMapping[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The last processor: a readable message, with the whole event kept on the record."""
+    message = _readable(event).replace("%", "%%")
+    full = {
+        **event,
+        "level": "warning" if method == "warn" else method,
+        "timestamp": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+    return (message,), {"extra": {_EVENT: full}}
+
 
 logger: Any = structlog.wrap_logger(
     logging.getLogger("pipeflow"),
     wrapper_class=structlog.stdlib.BoundLogger,
-    processors=[
-        structlog.stdlib.filter_by_level,
-        structlog.stdlib.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-    ],
+    processors=[structlog.stdlib.filter_by_level, _to_record],
 )
 
 
-def configure_logging(fmt: str = "console", level: int | str = logging.INFO) -> None:
-    """Send pipeflow's events to stderr, as `console` lines or `json`, from `level` up."""
+class _EventFormatter(logging.Formatter):
+    """Renders a record's pipeflow event with a structlog renderer."""
+
+    def __init__(self, renderer: Any) -> None:
+        super().__init__()
+        self.renderer = renderer
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = getattr(record, _EVENT, None)
+        if event is None:
+            event = {"event": record.getMessage(), "level": record.levelname.lower()}
+        return str(self.renderer(None, record.levelname.lower(), dict(event)))
+
+
+def configure_logging(fmt: LogFormat = "console", level: int | str = logging.INFO) -> None:
+    """Show pipeflow's events on stderr, as the `pipeflow` command does.
+
+    Replaces the handlers of the `pipeflow` logger with one that writes to `sys.stderr`,
+    and stops its records from reaching the root logger. An app that has its own logging
+    set up needs none of this: pipeflow's records reach its handlers as readable lines.
+
+    Args:
+        fmt: `console` for coloured (on a terminal) `key=value` lines, `json` for one JSON
+            object per line.
+        level: The lowest level shown: `logging.INFO` shows each run's start and end,
+            `logging.WARNING` only skipped items, retries given up and the like.
+    """
     renderer: Any
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(default=repr)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        )
-    )
+    handler.setFormatter(_EventFormatter(renderer))
     log = logging.getLogger("pipeflow")
     log.handlers[:] = [handler]
     log.setLevel(level)

@@ -11,12 +11,13 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import ConfigError
+from ._errors import ConfigError, Problem
+from ._imports import did_you_mean
 from ._pools import PoolHandle
 from ._report import RunReport
 from ._runner import Runner, unwrap_group
 from ._sinks import ListSink, NullSink, Sink
-from ._stage import Pool, Stage, check_unique_names
+from ._stage import Pool, Stage, duplicate_names
 
 __all__ = ["Pipeline"]
 
@@ -69,22 +70,34 @@ class Pipeline:
 
     def _check(self) -> None:
         if not self.stages:
-            raise ConfigError("a pipeline needs at least one stage")
-        check_unique_names(self.stages)
-        problems = []
-        for stage in self.stages:
-            if isinstance(stage.executor, str) and stage.executor not in self.executors:
-                known = ", ".join(sorted(self.executors)) or "none declared"
+            raise ConfigError(Problem("a pipeline needs at least one stage", key="stages"))
+        problems = duplicate_names(self.stages)
+        known = ", ".join(sorted(self.executors)) or "none declared"
+        for index, stage in enumerate(self.stages):
+            executor = stage.executor
+            if isinstance(executor, str) and executor not in self.executors:
+                hint = did_you_mean(executor, list(self.executors))
                 problems.append(
-                    f"stage {stage.name!r}: unknown executor {stage.executor!r} ({known})"
+                    Problem(
+                        f"unknown executor {executor!r} (executors: {known}){hint}",
+                        stage.name,
+                        index,
+                        "executor",
+                    )
                 )
             if stage.on_error == "dead_letter" and self.dead_letter is None:
                 problems.append(
-                    f"stage {stage.name!r}: on_error is dead_letter but the pipeline has "
-                    "no dead_letter sink"
+                    Problem(
+                        "on_error is dead_letter but there is no dead_letter sink "
+                        "(Pipeline(dead_letter=...); in a config, e.g. "
+                        "`dead_letter: {jsonl: errors.jsonl}`)",
+                        stage.name,
+                        index,
+                        "on_error",
+                    )
                 )
         if problems:
-            raise ConfigError(problems)
+            raise ConfigError(sorted(problems, key=lambda p: p.index or 0))
 
     def pool_for(self, stage: Stage, pools: dict[str, PoolHandle]) -> PoolHandle | None:
         """The pool `stage` runs in for one run, made once per name in `pools`."""
@@ -102,7 +115,7 @@ class Pipeline:
             key = f"lent:{id(executor)}"
             pools.setdefault(key, PoolHandle(stage.name or "stage", executor=executor))
             return pools[key]
-        if stage.kind == "async":
+        if stage.kind == "async" or stage.kind is None:
             return None
         key = f"stage:{stage.name}"
         spec = Pool(stage.kind, stage.workers, start_method=stage.start_method)

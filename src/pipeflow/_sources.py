@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ._errors import PipeflowError
 
-__all__ = ["csv_rows", "jsonl_records", "text_lines"]
+__all__ = ["FileSource", "csv_rows", "jsonl_records", "text_lines"]
 
 
 class SourceFormatError(PipeflowError, ValueError):
@@ -62,3 +62,48 @@ def csv_rows(path: str | Path, *, header: bool = True, delimiter: str = ",") -> 
             yield from csv.DictReader(file, delimiter=delimiter)
         else:
             yield from csv.reader(file, delimiter=delimiter)
+
+
+class FileSource:
+    """A file source that every run reads afresh, and that knows about how long it is.
+
+    Calling it opens the file (`read(path, **options)`); `operator.length_hint` counts its
+    lines, less `header_lines`, without decoding them (blank lines included: an estimate,
+    for a progress bar).
+
+    Args:
+        read: `text_lines`, `jsonl_records` or `csv_rows`.
+        path: The file.
+        header_lines: Lines at the top that are not items.
+        **options: Passed on to `read`.
+    """
+
+    def __init__(
+        self,
+        read: Callable[..., Iterator[Any]],
+        path: str | Path,
+        *,
+        header_lines: int = 0,
+        **options: Any,
+    ) -> None:
+        self.read = read
+        self.path = Path(path)
+        self.header_lines = header_lines
+        self.options = options
+
+    def __call__(self) -> Iterator[Any]:
+        return self.read(self.path, **self.options)
+
+    def __repr__(self) -> str:
+        return f"{getattr(self.read, '__name__', 'read')}({self.path.name})"
+
+    def __length_hint__(self) -> int:
+        lines, last = 0, b"\n"
+        try:
+            with open(self.path, "rb") as file:
+                while chunk := file.read(1 << 20):
+                    lines += chunk.count(b"\n")
+                    last = chunk[-1:]
+        except OSError:
+            return 0
+        return max(0, lines + (last != b"\n") - self.header_lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -19,19 +20,21 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     NonNegativeInt,
     PositiveInt,
     WithJsonSchema,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
-from ._stage import Pool, Retry, Stage
+from ._stage import Kind, OnError, Op, Pool, PoolKind, Retry, Stage, StartMethod
 
 __all__ = [
     "BenchSpec",
     "ConfigSpec",
-    "EXECUTOR_KINDS",
     "ExecutorSpec",
     "SinkSpec",
     "SourceSpec",
@@ -39,10 +42,6 @@ __all__ = [
     "parse_duration",
     "schema",
 ]
-
-# An executor kind is added here and in `_config._build_executor` (a `dask` kind, say).
-ExecutorKind = Literal["thread", "process", "dask"]
-EXECUTOR_KINDS: tuple[str, ...] = ("thread", "process", "dask")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
@@ -92,6 +91,52 @@ def _retries_shorthand(value: Any) -> Any:
     return {"attempts": value} if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def _not_null(value: Any) -> Any:
+    if value is None:
+        raise PydanticCustomError("null", "give a value, or leave the key out")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Forms:
+    """A field's short forms, for pipeflow (expanded) and for editors (in the JSON Schema).
+
+    Args:
+        shorthands: The JSON Schemas of the short forms that `expand` turns into the long.
+        expand: Turns a short form into the long one, and leaves the long one alone.
+        null: Whether null is accepted. An option of `source:` or `sink:` defaults to None
+            to mean "not chosen": a null there is refused, unless `expand` gives it a value.
+    """
+
+    shorthands: tuple[dict[str, Any], ...] = ()
+    expand: Callable[[Any], Any] | None = None
+    null: bool = True
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        schema = handler(source)
+        if self.expand is not None:
+            schema = core_schema.no_info_before_validator_function(self.expand, schema)
+        if not self.null:
+            schema = core_schema.no_info_before_validator_function(_not_null, schema)
+        return schema
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        result = handler(schema)
+        options = result["anyOf"] if list(result) == ["anyOf"] else [result]
+        if not self.null:
+            options = [option for option in options if option.get("type") != "null"]
+        options = [*self.shorthands, *options]
+        return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+_PATH = ({"type": "string", "description": "short for {path: ...}"},)
+_FN = ({"type": "string", "description": "short for {fn: module:attribute}"},)
+
+
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
@@ -119,7 +164,6 @@ Batch = Annotated[
         {"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 1}], "default": "auto"}
     ),
 ]
-StartMethod = Literal["forkserver", "spawn", "fork"]
 
 
 class _Spec(BaseModel):
@@ -144,30 +188,35 @@ class StageSpec(_Spec):
 
     name: str | None = Field(None, description="unique; defaults to the fn's name")
     fn: FnRef
-    kind: Literal["async", "thread", "process", "dask"] | None = Field(
-        None, description="default: async for an async def, else thread"
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "not": {
+                "properties": {"kind": {"type": "string"}, "executor": {"type": "string"}},
+                "required": ["kind", "executor"],
+            }
+        },
     )
+
+    kind: Kind | None = Field(None, description="default: async for an async def, else thread")
     executor: str | None = Field(None, description="a name from executors: (instead of kind)")
     workers: PositiveInt = _default(Stage, "workers")
-    op: Literal["map", "filter", "flat_map", "map_batch"] = _default(Stage, "op")
+    op: Op = _default(Stage, "op")
     ordered: bool = _default(Stage, "ordered")
     batch: Batch = _default(Stage, "batch")
     queue_size: PositiveInt = _default(Stage, "queue_size")
     timeout: Duration | None = _default(Stage, "timeout")
-    retries: Annotated[RetrySpec | None, BeforeValidator(_retries_shorthand)] = None
-    on_error: Literal["fail", "skip", "dead_letter"] = _default(Stage, "on_error")
+    retries: Annotated[
+        RetrySpec | None,
+        _Forms(
+            ({"type": "integer", "minimum": 1, "description": "short for {attempts: N}"},),
+            _retries_shorthand,
+        ),
+    ] = None
+    on_error: OnError = _default(Stage, "on_error")
     setup: FnRef | None = None
     teardown: FnRef | None = None
     start_method: StartMethod | None = None
-
-    @model_validator(mode="after")
-    def _kind_or_executor(self) -> StageSpec:
-        if self.kind is not None and self.executor is not None:
-            raise PydanticCustomError(
-                "kind_and_executor",
-                "give kind: or executor:, not both (kind makes the stage its own pool)",
-            )
-        return self
 
 
 class SecuritySpec(_Spec):
@@ -186,7 +235,7 @@ class SecuritySpec(_Spec):
 class ExecutorSpec(_Spec):
     """One entry of `executors:`, a pool that stages share by name."""
 
-    kind: ExecutorKind
+    kind: PoolKind
     workers: PositiveInt = _default(Pool, "workers")
     start_method: StartMethod | None = None
     max_tasks_per_child: PositiveInt | None = None
@@ -235,15 +284,21 @@ def _exactly_one(spec: BaseModel, what: str) -> None:
         raise PydanticCustomError("exactly_one", f"needs exactly one {what} of: {choices} ({got})")
 
 
+# exactly one key: the validators below say so to pipeflow, these bounds to an editor
+_ONE_KEY = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+
 class SourceSpec(_Spec):
     """`source:`, exactly one kind."""
 
-    range: RangeSource | None = None
-    items: list[Any] | None = None
-    lines: Annotated[PathSource | None, BeforeValidator(_path_shorthand)] = None
-    jsonl: Annotated[PathSource | None, BeforeValidator(_path_shorthand)] = None
-    csv: Annotated[CsvSource | None, BeforeValidator(_path_shorthand)] = None
-    fn: Annotated[FnSource | None, BeforeValidator(_fn_shorthand)] = None
+    model_config = _ONE_KEY
+
+    range: Annotated[RangeSource | None, _Forms(null=False)] = None
+    items: Annotated[list[Any] | None, _Forms(null=False)] = None
+    lines: Annotated[PathSource | None, _Forms(_PATH, _path_shorthand, null=False)] = None
+    jsonl: Annotated[PathSource | None, _Forms(_PATH, _path_shorthand, null=False)] = None
+    csv: Annotated[CsvSource | None, _Forms(_PATH, _path_shorthand, null=False)] = None
+    fn: Annotated[FnSource | None, _Forms(_FN, _fn_shorthand, null=False)] = None
 
     @model_validator(mode="after")
     def _one(self) -> SourceSpec:
@@ -276,11 +331,13 @@ class FnSinkSpec(_Spec):
 class SinkSpec(_Spec):
     """`sink:` or `dead_letter:`, exactly one kind."""
 
-    stdout: Annotated[StdoutSinkSpec | None, BeforeValidator(_empty_is_default)] = None
-    jsonl: Annotated[JsonlSinkSpec | None, BeforeValidator(_path_shorthand)] = None
-    csv: Annotated[CsvSinkSpec | None, BeforeValidator(_path_shorthand)] = None
-    null: Annotated[NullSinkSpec | None, BeforeValidator(_empty_is_default)] = None
-    fn: Annotated[FnSinkSpec | None, BeforeValidator(_fn_shorthand)] = None
+    model_config = _ONE_KEY
+
+    stdout: Annotated[StdoutSinkSpec | None, _Forms((), _empty_is_default)] = None
+    jsonl: Annotated[JsonlSinkSpec | None, _Forms(_PATH, _path_shorthand, null=False)] = None
+    csv: Annotated[CsvSinkSpec | None, _Forms(_PATH, _path_shorthand, null=False)] = None
+    null: Annotated[NullSinkSpec | None, _Forms((), _empty_is_default)] = None
+    fn: Annotated[FnSinkSpec | None, _Forms(_FN, _fn_shorthand, null=False)] = None
 
     @model_validator(mode="after")
     def _one(self) -> SinkSpec:
@@ -317,11 +374,58 @@ class ConfigSpec(_Spec):
     bench: BenchSpec | None = None
 
 
+# A scalar may be written as `${VAR}` or `${VAR:-default}` (see `_yaml`): an editor sees
+# the text, pipeflow the value it stands for.
+_VARIABLE = {
+    "type": "string",
+    "pattern": r"\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}",
+    "description": "${VAR} or ${VAR:-default}, read from the environment",
+}
+# what describes a value rather than constrains it stays outside the alternatives
+_ANNOTATIONS = ("title", "description", "default")
+
+
+def _with_variables(node: Any) -> Any:
+    """`node` where every number, bool, choice or patterned string may be a `${VAR}`."""
+    if isinstance(node, list):
+        return [_with_variables(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _with_variables(value) for key, value in node.items()}
+    scalar = node.get("type") in ("integer", "number", "boolean") or "const" in node
+    scalar |= "enum" in node or (node.get("type") == "string" and "pattern" in node)
+    if not scalar:
+        return node
+    outer = {key: node.pop(key) for key in _ANNOTATIONS if key in node}
+    return {"anyOf": [node, {"$ref": "#/$defs/Variable"}], **outer}
+
+
 def schema() -> dict[str, Any]:
     """The JSON Schema of a config file, for editors that complete and check YAML.
+
+    It accepts the configs pipeflow accepts, shorthands and `${VAR}` included, and
+    refuses what pipeflow refuses for its shape; what needs imports or the environment
+    (a missing fn, an unset variable, a duplicate stage name) is left to `pipeflow validate`.
 
     Returns:
         The schema as a dict (draft 2020-12).
     """
-    result = ConfigSpec.model_json_schema()
+    result = _with_variables(ConfigSpec.model_json_schema())
+    result["$defs"]["Variable"] = _VARIABLE
+    # on_error: dead_letter needs a dead_letter: sink
+    result["if"] = {
+        "properties": {
+            "stages": {
+                "contains": {
+                    "properties": {"on_error": {"const": "dead_letter"}},
+                    "required": ["on_error"],
+                }
+            }
+        },
+        "required": ["stages"],
+    }
+    result["then"] = {
+        "properties": {"dead_letter": {"$ref": "#/$defs/SinkSpec"}},
+        "required": ["dead_letter"],
+    }
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **result}

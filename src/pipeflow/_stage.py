@@ -1,25 +1,68 @@
-"""What one stage of a pipeline does: its callable, where it runs, how it treats errors."""
+"""What one stage of a pipeline does: its callable, where it runs, how it treats errors.
+
+The vocabulary of a pipeline (kinds, ops, error policies, start methods) is declared here
+once, as `Literal` types; the config's schema uses the same types, and the rules that tie
+the arguments together are checked here only, for Python and YAML alike.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import importlib.util
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from ._errors import ConfigError
+from ._errors import ConfigError, Problem
 
-__all__ = ["Kind", "Op", "OnError", "Pool", "Retry", "Stage"]
+__all__ = [
+    "KINDS",
+    "Kind",
+    "ON_ERROR",
+    "OPS",
+    "OnError",
+    "Op",
+    "PICKLING_KINDS",
+    "POOL_KINDS",
+    "Pool",
+    "PoolKind",
+    "Retry",
+    "START_METHODS",
+    "Stage",
+    "StartMethod",
+]
 
-Kind = Literal["async", "thread", "process", "dask"]
+PoolKind = Literal["thread", "process", "dask"]
+Kind = Literal["async", PoolKind]
 Op = Literal["map", "filter", "flat_map", "map_batch"]
 OnError = Literal["fail", "skip", "dead_letter"]
+StartMethod = Literal["forkserver", "spawn", "fork"]
 
-KINDS: tuple[str, ...] = ("async", "thread", "process", "dask")
-OPS: tuple[str, ...] = ("map", "filter", "flat_map", "map_batch")
-ON_ERROR: tuple[str, ...] = ("fail", "skip", "dead_letter")
+POOL_KINDS: tuple[PoolKind, ...] = get_args(PoolKind)
+KINDS: tuple[Kind, ...] = get_args(Kind)
+OPS: tuple[Op, ...] = get_args(Op)
+ON_ERROR: tuple[OnError, ...] = get_args(OnError)
+START_METHODS: tuple[StartMethod, ...] = get_args(StartMethod)
+# the kinds whose callables are pickled to reach their workers
+PICKLING_KINDS: tuple[PoolKind, ...] = ("process", "dask")
+
+DASK_EXTRA_MISSING = (
+    "kind dask needs the dask extra, which is not installed: pip install 'pipeflow[dask]'"
+)
+
+
+def _one_of(choices: Sequence[str]) -> str:
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}"
+
+
+def _dask_installed() -> bool:
+    # find_spec, not an import: distributed takes about a second to import
+    try:
+        return importlib.util.find_spec("distributed") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -74,9 +117,9 @@ class Pool:
             127.0.0.1:8787 (off by default).
     """
 
-    kind: Literal["thread", "process", "dask"] = "process"
+    kind: PoolKind = "process"
     workers: int = 4
-    start_method: str | None = None
+    start_method: StartMethod | None = None
     max_tasks_per_child: int | None = None
     threads_per_worker: int = 1
     address: str = "local"
@@ -84,10 +127,12 @@ class Pool:
     dashboard: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in ("thread", "process", "dask"):
+        if self.kind not in POOL_KINDS:
             raise ConfigError(
-                f"a pool's kind must be 'thread', 'process' or 'dask', got {self.kind!r}"
+                Problem(f"kind must be {_one_of(POOL_KINDS)}, got {self.kind!r}", key="kind")
             )
+        if self.kind == "dask" and not _dask_installed():
+            raise ConfigError(Problem(DASK_EXTRA_MISSING, key="kind"))
         if self.workers < 1:
             raise ConfigError(f"a pool needs at least 1 worker, got {self.workers}")
         if not isinstance(self.threads_per_worker, int) or self.threads_per_worker < 1:
@@ -107,9 +152,12 @@ class Pool:
             raise ConfigError(
                 "dashboard applies to address: local; an existing scheduler serves its own"
             )
-        if self.start_method not in (None, "forkserver", "spawn", "fork"):
+        if self.start_method is not None and self.start_method not in START_METHODS:
             raise ConfigError(
-                f"start_method must be forkserver, spawn or fork, got {self.start_method!r}"
+                Problem(
+                    f"start_method must be {_one_of(START_METHODS)}, got {self.start_method!r}",
+                    key="start_method",
+                )
             )
 
 
@@ -138,7 +186,8 @@ class Stage:
         name: Unique within the pipeline; defaults to the callable's name.
         kind: `async` (coroutines on the event loop), `thread`, `process`, or `dask` (a
             private `distributed.LocalCluster` of `workers` processes; share a `Pool` to
-            reach an existing scheduler).
+            reach an existing scheduler). By default `async` for a coroutine function,
+            else `thread`. Not with `executor`, which decides where the stage runs.
         workers: Pool size, or concurrent tasks for `async`. Ignored with `executor`.
         op: `map`, `filter`, `flat_map` or `map_batch`.
         ordered: Emit results in input order (through a bounded reorder window).
@@ -149,6 +198,7 @@ class Stage:
         on_error: `fail`, `skip` or `dead_letter`.
         executor: A pool name from `Pipeline(executors=...)`, or any
             `concurrent.futures.Executor`, which the pipeline uses and never shuts down.
+            Not with `kind`.
         setup: Called once per worker before its first item; its return value is passed
             to `fn` as `state`. May be `async def` for async stages.
         teardown: Called with the state when the worker's work is over.
@@ -157,7 +207,7 @@ class Stage:
 
     fn: Callable[..., Any]
     name: str | None = None
-    kind: Kind = "thread"
+    kind: Kind | None = None
     workers: int = 1
     op: Op = "map"
     ordered: bool = True
@@ -169,52 +219,72 @@ class Stage:
     executor: str | concurrent.futures.Executor | None = None
     setup: Callable[[], Any] | None = None
     teardown: Callable[[Any], Any] | None = None
-    start_method: str | None = None
+    start_method: StartMethod | None = None
     retry: Retry | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
-            raise ConfigError(f"a stage's fn must be callable, got {self.fn!r}")
+            raise ConfigError(Problem(f"a stage's fn must be callable, got {self.fn!r}", key="fn"))
         if self.name is None:
             self.name = _name_of(self.fn)
-        where = f"stage {self.name!r}"
-        problems: list[str] = []
-        if self.kind not in KINDS:
-            problems.append(f"{where}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        is_async = _is_async_callable(self.fn)
+        if self.kind is None and self.executor is None:
+            self.kind = "async" if is_async else "thread"
+        problems: list[Problem] = []
+
+        def problem(what: str, key: str | None = None) -> None:
+            problems.append(Problem(what, self.name, key=key))
+
+        if self.kind is not None and self.executor is not None:
+            problem(
+                "give kind or executor, not both (kind makes the stage its own pool, "
+                "executor names a shared one or lends one)"
+            )
+        if self.kind is not None and self.kind not in KINDS:
+            problem(f"kind must be {_one_of(KINDS)}, got {self.kind!r}", "kind")
         if self.op not in OPS:
-            problems.append(f"{where}: op must be one of {', '.join(OPS)}, got {self.op!r}")
+            problem(f"op must be {_one_of(OPS)}, got {self.op!r}", "op")
         if self.on_error not in ON_ERROR:
-            problems.append(
-                f"{where}: on_error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}"
+            problem(f"on_error must be {_one_of(ON_ERROR)}, got {self.on_error!r}", "on_error")
+        if self.start_method is not None and self.start_method not in START_METHODS:
+            problem(
+                f"start_method must be {_one_of(START_METHODS)}, got {self.start_method!r}",
+                "start_method",
             )
         if not isinstance(self.workers, int) or self.workers < 1:
-            problems.append(f"{where}: workers must be a positive int, got {self.workers!r}")
+            problem(f"workers must be a positive int, got {self.workers!r}", "workers")
         if self.batch != "auto" and (not isinstance(self.batch, int) or self.batch < 1):
-            problems.append(f"{where}: batch must be 'auto' or a positive int, got {self.batch!r}")
+            problem(f"batch must be 'auto' or a positive int, got {self.batch!r}", "batch")
         if not isinstance(self.queue_size, int) or self.queue_size < 1:
-            problems.append(f"{where}: queue_size must be a positive int, got {self.queue_size!r}")
+            problem(f"queue_size must be a positive int, got {self.queue_size!r}", "queue_size")
         if self.timeout is not None and self.timeout <= 0:
-            problems.append(f"{where}: timeout must be positive, got {self.timeout!r}")
-        is_async = _is_async_callable(self.fn)
-        if self.kind == "async" and not is_async and self.executor is None:
-            problems.append(
-                f"{where}: {_name_of(self.fn)} is a plain function but the stage is async: it "
+            problem(f"timeout must be positive, got {self.timeout!r}", "timeout")
+        if self.kind == "async" and not is_async:
+            problem(
+                f"{_name_of(self.fn)} is a plain function but the stage is async: it "
                 "would block the event loop; use kind: thread (or process), or define it "
-                "with async def"
+                "with async def",
+                "kind",
             )
         if self.kind != "async" and is_async:
-            problems.append(
-                f"{where}: {_name_of(self.fn)} is a coroutine function; use kind: async "
-                "(it cannot run in a thread or process pool)"
+            problem(
+                f"{_name_of(self.fn)} is a coroutine function; use kind: async, or leave "
+                "kind out (it cannot run in a thread or process pool)",
+                "executor" if self.executor is not None else "kind",
             )
+        if self.kind == "dask" and not _dask_installed():
+            problem(DASK_EXTRA_MISSING, "kind")
         if self.kind != "async" and self.setup is not None and _is_async_callable(self.setup):
-            problems.append(f"{where}: an async setup needs kind: async")
+            problem("an async setup needs kind: async", "setup")
         if isinstance(self.retries, int) and not isinstance(self.retries, bool):
-            self.retry = Retry(attempts=self.retries)
+            try:
+                self.retry = Retry(attempts=self.retries)
+            except ConfigError as exc:
+                problems.extend(Problem(p, self.name, key="retries") for p in exc.problems)
         elif isinstance(self.retries, Retry):
             self.retry = self.retries
         elif self.retries is not None:
-            problems.append(f"{where}: retries must be a Retry or an int, got {self.retries!r}")
+            problem(f"retries must be a Retry or an int, got {self.retries!r}", "retries")
         if problems:
             raise ConfigError(problems)
 
@@ -224,11 +294,20 @@ class Stage:
         return _is_async_callable(self.fn)
 
 
-def check_unique_names(stages: Sequence[Stage]) -> None:
-    """Raise ConfigError if two stages share a name."""
-    seen: set[str] = set()
-    for stage in stages:
-        assert stage.name is not None
-        if stage.name in seen:
-            raise ConfigError(f"stage {stage.name!r}: duplicate stage name")
-        seen.add(stage.name)
+def duplicate_names(stages: Sequence[Stage]) -> list[Problem]:
+    """A problem for each stage whose name an earlier stage has."""
+    first: dict[str | None, int] = {}
+    problems = []
+    for index, stage in enumerate(stages):
+        if stage.name in first:
+            problems.append(
+                Problem(
+                    f"duplicate stage name {stage.name!r} (stage {first[stage.name]} has it "
+                    "too); stage names must be unique",
+                    stage.name,
+                    index,
+                    "name",
+                )
+            )
+        first.setdefault(stage.name, index)
+    return problems
