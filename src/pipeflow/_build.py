@@ -45,7 +45,7 @@ def build_pipeline(
             executors[name] = _executor(executor_spec)
         except ConfigError as exc:
             for problem in exc.problems:
-                add(("executors", name), problem)
+                add(_about(("executors", name), problem, executor_spec), problem)
     stages: list[Stage] = []
     for index, stage_spec in enumerate(spec.stages):
         stage = _stage(stage_spec, resolved, spec.executors, ("stages", index), add)
@@ -137,8 +137,15 @@ def _stage(
     except ConfigError as exc:
         prefix = f"stage {name!r}: "
         for problem in exc.problems:
-            add(path, problem.removeprefix(prefix))
+            what = problem.removeprefix(prefix)
+            add(_about(path, what, spec), what)
         return None
+
+
+def _about(path: DataPath, problem: str, spec: StageSpec | ExecutorSpec) -> DataPath:
+    """The key a library error is about, when it starts with one the config gives."""
+    key = problem.partition(" ")[0]
+    return (*path, key) if key in spec.model_fields_set else path
 
 
 def _source(spec: SourceSpec, resolved: dict[str, Any], base: Path) -> Any:
