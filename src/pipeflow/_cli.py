@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -151,17 +152,33 @@ def run(
     console = _stderr()
     show_progress = console.is_terminal and not quiet
     outcome = _Outcome()
-    if show_progress:
-        with LiveProgress(console) as live:
-            # log lines written meanwhile go through the live display, above the table
-            configure_logging(log_format.value, logging.INFO)
-            try:
-                anyio.run(_run, pipeline, live.update, outcome)
-            finally:
+    if report is not None:
+        _prepare_output(report, "--report")
+    try:
+        if show_progress:
+            with LiveProgress(console) as live:
+                # log lines written meanwhile go through the live display, above the table
                 configure_logging(log_format.value, logging.INFO)
-    else:
-        anyio.run(_run, pipeline, None, outcome)
+                try:
+                    anyio.run(_run, pipeline, live.update, outcome)
+                finally:
+                    configure_logging(log_format.value, logging.INFO)
+        else:
+            anyio.run(_run, pipeline, None, outcome)
+    finally:
+        # the run's signal receiver leaves Python's defaults behind (a KeyboardInterrupt)
+        _exit_on_signals()
     _finish(outcome, report, console, quiet)
+
+
+def _prepare_output(path: Path, option: str) -> None:
+    """Create the folder of an output file before the work, and refuse a path that is not one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _usage_error([f"{option} {path}: cannot create its folder: {exc.strerror or exc}"])
+    if path.is_dir():
+        _usage_error([f"{option} {path}: is a directory; give a file path"])
 
 
 class _Outcome:
@@ -228,7 +245,8 @@ def _finish(outcome: _Outcome, report_file: Path | None, console: Console, quiet
         raise typer.Exit(EXIT_BROKEN_PIPE)
     if isinstance(error, PipelineError):
         print_failure(console, error)
-    elif isinstance(error, PipeflowError):
+    elif isinstance(error, PipeflowError) or (error is not None and outcome.signals):
+        # an error after a signal is the signal's doing (a pool interrupted while starting)
         console.print(f"[bold red]error:[/] {type(error).__name__}: {error}", soft_wrap=True)
     elif error is not None:
         raise error
@@ -319,6 +337,9 @@ def bench(
         )
     except ConfigError as exc:
         _usage_error(exc.problems)
+    for path, option in ((output, "--output"), (plot, "--plot")):
+        if path is not None:
+            _prepare_output(path, option)
     console = _stderr()
 
     def show(point: PointResult, number: int, wall: float | None) -> None:
@@ -342,16 +363,31 @@ def schema_command() -> None:
     print(json.dumps(schema(), indent=2))
 
 
+_signalled: list[int] = []
+
+
 def _exit_on_signal(signum: int, frame: Any) -> None:
+    _signalled.append(signum)
     raise SystemExit(_SIGNAL_EXIT.get(signal.Signals(signum), 128 + signum))
 
 
-def main() -> None:
-    """The `pipeflow` console script."""
+def _exit_on_signals() -> None:
     # Outside a run (loading, rendering) a signal ends the command with its exit code at
     # once; during a run, `_run`'s receiver replaces these handlers with a graceful stop.
     for signum in _SIGNAL_EXIT:
         signal.signal(signum, _exit_on_signal)
+
+
+def _stuck_threads() -> bool:
+    main_thread = threading.main_thread()
+    return any(
+        t.is_alive() and not t.daemon and t is not main_thread for t in threading.enumerate()
+    )
+
+
+def main() -> None:
+    """The `pipeflow` console script."""
+    _exit_on_signals()
     # spawn and forkserver workers re-run the parent's main module before their first
     # item; here that is this command (typer, rich, pydantic: ~0.3 s a worker), which no
     # worker needs, since the stage callables come from the config's modules
@@ -361,10 +397,16 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:
-        if abandoned_threads():
-            # a thread stuck past its timeout may never return, and the interpreter would
-            # wait for it at exit: flush what we wrote and end the process now
+        if abandoned_threads() or _stuck_threads():
+            # a thread stuck past its timeout, or in a run cancelled by a second signal,
+            # may never return, and the interpreter would wait for it at exit: flush what
+            # we wrote and end the process now
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(done.code if isinstance(done.code, int) else 1)
+        raise
+    except BaseException:
+        if _signalled:
+            # the signal's SystemExit was raised inside the event loop, and wrapped
+            raise SystemExit(_SIGNAL_EXIT.get(signal.Signals(_signalled[0]), 130)) from None
         raise

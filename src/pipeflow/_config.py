@@ -438,7 +438,9 @@ def _unwritable(file: Path) -> str | None:
                     pass
             except OSError as exc:
                 why = exc.strerror or exc
-                return f"cannot create {str(file)!r}: no file can be made in {str(folder)!r} ({why})"
+                return (
+                    f"cannot create {str(file)!r}: no file can be made in {str(folder)!r} ({why})"
+                )
     except OSError as exc:
         return f"cannot write {str(file)!r}: {exc.strerror or exc}"
     return None

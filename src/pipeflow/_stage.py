@@ -45,7 +45,10 @@ def _workers_problem(kind: str | None, workers: Any, *, remote: bool = False) ->
     if kind == "thread":
         limit, why = MAX_THREADS, "threads"
     elif kind in ("process", "dask") and not remote:
-        limit, why = max_processes(), f"processes: 4 per core on {os.cpu_count()} cores, at least 32"
+        limit, why = (
+            max_processes(),
+            f"processes: 4 per core on {os.cpu_count()} cores, at least 32",
+        )
     else:
         limit, why = MAX_CONCURRENCY, "concurrent calls"
     if workers > limit:
