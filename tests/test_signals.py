@@ -189,3 +189,23 @@ def test_a_second_ctrl_c_ends_a_run_whose_thread_is_stuck_for_good(tmp_path: Pat
     lines = out.read_text().splitlines()
     assert out.read_text().endswith("\n")
     assert data["items_written"] == len(lines) and 5 not in [json.loads(x) for x in lines]
+
+
+@pytest.mark.timeout(60)
+def test_workers_end_when_the_run_is_killed_with_sigkill(tmp_path: Path) -> None:
+    marker = tmp_path / "stuck"
+    with start_run(
+        "stuck_process.yaml",
+        PIPEFLOW_TEST_OUT=str(tmp_path / "out.jsonl"),
+        PIPEFLOW_TEST_MARKER=str(marker),
+    ) as process:
+        wait_for_file(marker)  # a worker is inside item 5, for good
+        children = psutil.Process(process.pid).children(recursive=True)
+        workers = [p for p in children if p.pid == int(marker.read_text())]
+        assert workers and len(children) >= 3  # the forkserver and its 2 workers
+        process.kill()  # as the OOM killer does: no cleanup runs in the parent
+        process.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=20)
+    for left in alive:  # leave no orphan behind when the check fails
+        left.kill()
+    assert not alive, f"outlived the run: {[p.pid for p in alive]}"
