@@ -66,3 +66,10 @@ class _Locked:
 
 unpicklable = _Locked()
 not_callable = 42
+
+
+async def hog_on_2(n: int) -> int:
+    """Item 2 blocks the event loop for 1 s: a blocking call inside `async def`."""
+    if n == 2:
+        time.sleep(1.0)  # noqa: ASYNC251 - the blocking call this test is about
+    return n

@@ -135,7 +135,7 @@ class ConfigTooLarge(yaml.MarkedYAMLError):
     """The config, or what its aliases expand to, is larger than a config may be."""
 
     def __init__(self, problem: str, mark: yaml.Mark | None = None) -> None:
-        super().__init__(problem=problem, problem_mark=mark or yaml.Mark("", 0, 0, 0, None, None))
+        super().__init__(problem=problem, problem_mark=mark or yaml.Mark("", 0, 0, 0, "", 0))
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -148,11 +148,11 @@ class _BoundedLoader(yaml.SafeLoader):
         self._alias_nodes = 0
         self._sizes: dict[int, int] = {}  # id(node) -> the nodes it expands to
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        mark = event.start_mark
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            mark = event.start_mark
-            node: yaml.Node = super().compose_node(parent, index)  # type: ignore[misc]
+            node = super().compose_node(parent, index)
             size = self._sizes.get(id(node))
             if size is None:
                 raise ConfigTooLarge(f"alias *{event.anchor} is inside its own anchor", mark)
@@ -165,13 +165,12 @@ class _BoundedLoader(yaml.SafeLoader):
                     mark,
                 )
             return node
-        mark = self.peek_event().start_mark
         self._depth += 1
         if self._depth > MAX_DEPTH:
             raise ConfigTooLarge(f"nested more than {MAX_DEPTH} levels deep", mark)
         before = self._nodes
         self._nodes += 1
-        node = super().compose_node(parent, index)  # type: ignore[misc]
+        node = super().compose_node(parent, index)
         self._depth -= 1
         self._sizes[id(node)] = self._nodes - before
         return node
