@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -209,3 +210,23 @@ def test_workers_end_when_the_run_is_killed_with_sigkill(tmp_path: Path) -> None
     for left in alive:  # leave no orphan behind when the check fails
         left.kill()
     assert not alive, f"outlived the run: {[p.pid for p in alive]}"
+
+
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_ends_a_run_whose_stage_holds_the_event_loop(tmp_path: Path) -> None:
+    report, marker = tmp_path / "report.json", tmp_path / "holding"
+    with start_run(
+        "held_loop.yaml", "--report", str(report), PIPEFLOW_TEST_MARKER=str(marker)
+    ) as process:
+        wait_for_file(marker)  # the loop is held: nothing on it runs, the receiver included
+        deadline = time.monotonic() + 30
+        while process.poll() is None:  # Ctrl-C until the command ends (the first one stops)
+            assert time.monotonic() < deadline, "two Ctrl-C did not end the command"
+            process.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=1)
+        _, errors = process.communicate(timeout=10)
+    assert process.returncode == 130, errors
+    assert "Traceback" not in errors
+    assert "did not end within 5s of the second signal" in errors
+    assert json.loads(report.read_text())["status"] == "cancelled"

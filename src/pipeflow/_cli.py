@@ -7,6 +7,7 @@ SIGPIPE would. Results go to stdout, everything else to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -40,6 +41,9 @@ __all__ = ["app", "main"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_BROKEN_PIPE = 1, 2, 141
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# after a second signal, how long a run that cannot be cancelled (its event loop held by a
+# stage that never awaits) may take before the command writes the report and exits
+SECOND_SIGNAL_GRACE_S = 5.0
 
 app = typer.Typer(
     name="pipeflow",
@@ -151,7 +155,7 @@ def run(
     pipeline = _load(config, sets, app_dir)
     console = _stderr()
     show_progress = console.is_terminal and not quiet
-    outcome = _Outcome()
+    outcome = _Outcome(report)
     if report is not None:
         _prepare_output(report, "--report")
     try:
@@ -166,6 +170,7 @@ def run(
         else:
             anyio.run(_run, pipeline, None, outcome)
     finally:
+        outcome.finished.set()
         # the run's signal receiver leaves Python's defaults behind (a KeyboardInterrupt)
         _exit_on_signals()
     _finish(outcome, report, console, quiet)
@@ -184,11 +189,43 @@ def _prepare_output(path: Path, option: str) -> None:
 class _Outcome:
     """What `_run` learned: the report, the error if the run raised, the signals received."""
 
-    def __init__(self) -> None:
+    def __init__(self, report_file: Path | None = None) -> None:
         self.runner: Runner | None = None
         self.report: RunReport | None = None
         self.error: Exception | None = None
         self.signals: list[int] = []
+        self.report_file = report_file
+        self.finished = threading.Event()
+        self._received = 0
+
+    def count_signal(self, signum: int, frame: Any) -> None:
+        """The Python-level handler during a run, beside the run's signal receiver.
+
+        asyncio's wakeup fd still hands every signal to the receiver on the event loop;
+        this handler runs even while a stage holds the loop, so a second signal ends the
+        command then too.
+        """
+        self._received += 1
+        if self._received == 2:
+            threading.Thread(
+                target=self._end_if_stuck, args=(signum,), name="pipeflow-stop", daemon=True
+            ).start()
+
+    def _end_if_stuck(self, signum: int) -> None:
+        if self.finished.wait(SECOND_SIGNAL_GRACE_S):
+            return
+        report = self.runner.report if self.runner is not None else None
+        if report is not None and self.report_file is not None:
+            if report.status == "running":
+                report.status = "cancelled"
+            with contextlib.suppress(OSError):
+                self.report_file.write_text(report.to_json() + "\n", encoding="utf-8")
+        message = (
+            f"error: the run did not end within {SECOND_SIGNAL_GRACE_S:g}s of the second "
+            "signal (a stage holds the event loop): exiting\n"
+        )
+        os.write(sys.stderr.fileno(), message.encode())
+        os._exit(_SIGNAL_EXIT.get(signal.Signals(signum), 130))
 
 
 async def _run(
@@ -198,6 +235,8 @@ async def _run(
 
     async def watch_signals(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+            for signum in _SIGNAL_EXIT:
+                signal.signal(signum, outcome.count_signal)
             task_status.started()
             async for signum in received:
                 outcome.signals.append(signum)
