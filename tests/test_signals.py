@@ -182,7 +182,11 @@ def test_a_second_ctrl_c_ends_a_run_whose_thread_is_stuck_for_good(tmp_path: Pat
         process.send_signal(signal.SIGINT)
         wait_for_line(process.stderr, "stopping")
         process.send_signal(signal.SIGINT)
-        _, errors = process.communicate(timeout=20)
+        try:
+            _, errors = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail("two Ctrl-C did not end the command")
     assert process.returncode == 130, errors
     assert "Traceback" not in errors
     data = json.loads(report.read_text())
