@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -66,3 +67,19 @@ class _Locked:
 
 unpicklable = _Locked()
 not_callable = 42
+
+
+async def hog_on_2(n: int) -> int:
+    """Item 2 blocks the event loop for 1 s: a blocking call inside `async def`."""
+    if n == 2:
+        time.sleep(1.0)  # noqa: ASYNC251 - the blocking call this test is about
+    return n
+
+
+async def hog_for_good_on_2(n: int) -> int:
+    """Item 2 writes $PIPEFLOW_TEST_MARKER, then holds the event loop for an hour."""
+    if n == 2:
+        with open(os.environ["PIPEFLOW_TEST_MARKER"], "w") as marker:  # noqa: ASYNC230
+            marker.write("holding the loop")
+        time.sleep(3600)  # noqa: ASYNC251 - the blocking call this test is about
+    return n

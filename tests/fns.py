@@ -129,3 +129,12 @@ def burn_briefly(n: int) -> dict[str, int]:
     while time.perf_counter() < deadline:
         pass
     return {"n": n, "square": n * n}
+
+
+def stuck_on_5(n: int) -> int:
+    """Item 5 writes the file $PIPEFLOW_TEST_MARKER, then blocks for good (no timeout)."""
+    if n == 5:
+        with open(os.environ["PIPEFLOW_TEST_MARKER"], "w") as marker:
+            marker.write(str(os.getpid()))
+        threading.Event().wait()
+    return n

@@ -171,3 +171,31 @@ def test_run_ignores_the_bench_section_and_the_schema_checks_it(tmp_path: Path) 
     done = bench(config, timeout=30)
     assert done.returncode == 2
     assert "bench.repeats: unknown key 'repeats', did you mean 'repeat'?" in done.stderr
+
+
+def test_output_in_a_folder_that_does_not_exist_creates_it(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "dir" / "bench.json"
+    done = bench(
+        "configs/squares.yaml",
+        *QUICK,
+        "--matrix",
+        "stages.square.kind=thread",
+        "--output",
+        out,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [point["label"] for point in results(out)["points"]] == ["kind=thread"]
+
+
+def test_output_that_is_a_folder_is_refused_before_any_run(tmp_path: Path) -> None:
+    done = bench(
+        "configs/squares.yaml",
+        *QUICK,
+        "--matrix",
+        "stages.square.kind=thread",
+        "--output",
+        tmp_path,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"--output {tmp_path}: is a directory; give a file path"
+    assert done.stdout == ""  # no point was run

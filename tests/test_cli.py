@@ -420,3 +420,59 @@ def test_version_and_help() -> None:
     run_help = pipeflow("run", "--help")
     for option in ("--set", "--report", "--log-format", "--quiet", "--app-dir"):
         assert option in run_help.stdout
+
+
+# --- output files ---
+
+
+def test_a_report_in_a_folder_that_does_not_exist_creates_it(tmp_path: Path) -> None:
+    report = tmp_path / "out" / "runs" / "run.json"
+    done = pipeflow(
+        "run",
+        "configs/squares.yaml",
+        "--set",
+        "stages.square.kind=thread",
+        "--report",
+        report,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    assert (
+        (data["status"], data["items_written"])
+        == ("ok", len(done.stdout.splitlines()))
+        == ("ok", 10)
+    )
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_a_report_path_that_cannot_be_a_file_is_refused_before_the_run(
+    tmp_path: Path, where: str
+) -> None:
+    (tmp_path / "taken").write_text("")
+    report = tmp_path if where == "folder" else tmp_path / "taken" / "run.json"
+    done = pipeflow("run", "configs/squares.yaml", "--report", report, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stdout == ""  # nothing ran: the squares would be on stdout
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"--report {report}: ")
+    assert "Traceback" not in done.stderr
+
+
+def test_an_async_stage_that_blocks_the_loop_is_named_with_how_long(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    done = pipeflow(
+        "run", "cli_configs/blocking_async.yaml", "--report", report, "--log-format", "json"
+    )
+    assert done.returncode == 0, done.stderr
+    assert [int(line) for line in done.stdout.split()] == [0, 2, 4, 6, 8]
+    stages = {stage["name"]: stage for stage in json.loads(report.read_text())["stages"]}
+    hog, polite = stages["hog"], stages["polite"]
+    assert hog["max_loop_block_s"] >= 0.9  # the 1 s of time.sleep
+    assert hog["loop_blocked_s"] >= hog["max_loop_block_s"]
+    assert polite["max_loop_block_s"] < hog["max_loop_block_s"]
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    [warning] = [e for e in events if e["event"] == "loop_blocked"]
+    assert (warning["stage"], warning["level"]) == ("hog", "warning")
+    assert warning["seconds"] >= 0.9

@@ -14,6 +14,7 @@ import pytest
 import config_fns
 import pipeflow
 from pipeflow._spec import parse_duration
+from pipeflow._stage import max_processes
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -258,6 +259,25 @@ BROKEN_EXPECTED = {
 }
 
 
+BROKEN_EXPECTED.update(
+    {
+        "alias_bomb.yaml": [(10, 12, "yaml", "aliases expand to more than 10000 values")],
+        "deep_nesting.yaml": [(2, 108, "yaml", "nested more than 100 levels deep")],
+        "range_step_zero.yaml": [(2, 37, "source.range.step", "step must not be 0")],
+        "too_many_workers.yaml": [
+            (2, 33, "executors.cpu.workers", f"workers must be at most {max_processes()} for"),
+            (7, 14, "stages.square.workers", f"workers must be at most {max_processes()} for"),
+            (8, 17, "stages.square.queue_size", "queue_size must be an int from 1 to 1024"),
+            (9, 12, "stages.square.batch", "batch must be 'auto' or an int from 1 to 100000"),
+        ],
+        "unwritable_sinks.yaml": [
+            (6, 10, "sink.jsonl", "broken_configs' is a directory; give a file path"),
+            (8, 17, "dead_letter.jsonl.path", "no file can be made in '/proc'"),
+        ],
+    }
+)
+
+
 def test_every_broken_config_has_its_expectations() -> None:
     assert sorted(p.name for p in BROKEN.glob("*.yaml")) == sorted(BROKEN_EXPECTED)
 
@@ -438,3 +458,58 @@ def test_schema_describes_the_config_for_editors() -> None:
 def test_stages_of_the_wrong_shape_are_not_taken_for_duplicates(tmp_path: Path) -> None:
     problems = problems_of(write(tmp_path, "source: {items: [1]}\nstages: [1, 2]\nsink: {null:}\n"))
     assert [p.split(": ", 2)[1] for p in problems] == ["stages[0]", "stages[1]"], problems
+
+
+# --- bounds: what a config may ask for ---
+
+
+def test_a_config_larger_than_1_mib_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    path = minimal(tmp_path)
+    with path.open("a") as file:
+        file.write("# padding\n" * 200_000)  # 2 MB of comments: valid YAML, too big a config
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}:1:1: yaml: the config is larger than 1 MiB")
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path: Path) -> None:
+    path = minimal(tmp_path, "    loop: &me [1, *me]\n")
+    [problem] = problems_of(path)
+    assert problem == f"{path}:6:19: yaml: alias *me is inside its own anchor"
+
+
+def test_aliases_that_stay_small_still_expand(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "defaults: &defaults {fn: config_fns:square, kind: thread, workers: 2}\n"
+        "source: {range: {stop: 4}}\nstages:\n"
+        "  - {<<: *defaults, name: a}\n  - {<<: *defaults, name: b}\nsink: {null: {}}\n",
+    )
+    problems = problems_of(path)  # the anchor's own key is unknown, and only that
+    assert len(problems) == 1 and "unknown key 'defaults'" in problems[0]
+
+
+def test_a_process_stage_may_have_a_few_workers_per_core_not_a_billion() -> None:
+    limit = max_processes()
+    assert pipeflow.Stage(config_fns.square, kind="process", workers=limit).workers == limit
+    with pytest.raises(pipeflow.ConfigError, match=f"workers must be at most {limit} for kind"):
+        pipeflow.Stage(config_fns.square, kind="process", workers=1_000_000_000)
+    with pytest.raises(pipeflow.ConfigError, match="workers must be at most 1024 for kind thread"):
+        pipeflow.Pool(kind="thread", workers=1025)
+    with pytest.raises(pipeflow.ConfigError, match="queue_size must be an int from 1 to 1024"):
+        pipeflow.Stage(config_fns.square, queue_size=10**6)
+    with pytest.raises(pipeflow.ConfigError, match="max_tasks_per_child must be a positive int"):
+        pipeflow.Pool(kind="process", max_tasks_per_child=0)
+    with pytest.raises(pipeflow.ConfigError, match="max_tasks_per_child applies to kind: process"):
+        pipeflow.Pool(kind="process", start_method="fork", max_tasks_per_child=10)
+    # a stage on a pool it is given starts no workers of its own: its workers is not bounded
+    lent = pipeflow.Stage(config_fns.square, workers=10**6, executor="cpu")
+    assert lent.workers == 10**6
+
+
+def test_a_sink_under_a_file_is_reported_at_load_and_nothing_is_written(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("kept")
+    text = minimal(tmp_path).read_text().replace("stdout: {}", f"jsonl: {tmp_path}/taken/o.jsonl")
+    [problem] = problems_of(write(tmp_path, text, "sinks.yaml"))
+    assert "sink.jsonl: cannot create" in problem and "taken' is not a directory" in problem
+    assert (tmp_path / "taken").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "sinks.yaml", "taken"]

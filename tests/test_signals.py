@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -113,3 +114,125 @@ def test_a_thread_stuck_past_its_timeout_does_not_keep_the_command_alive() -> No
     assert [int(line) for line in done.stdout.split()] == [n for n in range(20) if n != 5]
     assert time.monotonic() - started < 15
     assert "thread_abandoned" in done.stderr and "item_error" in done.stderr
+
+
+def wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.02)
+
+
+def start_run(config: str, *args: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeflow", "run", f"cli_configs/{config}", *args],
+        cwd=TESTS,
+        env=child_env(**env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_config_loads_exits_with_its_code_and_no_traceback(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    marker = tmp_path / "importing"
+    with start_run("slow_import.yaml", PIPEFLOW_TEST_MARKER=str(marker)) as process:
+        wait_for_file(marker)  # load() is importing the stage's module
+        os.killpg(process.pid, signum)
+        _, errors = process.communicate(timeout=20)
+    assert process.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], errors
+    assert "Traceback" not in errors and "KeyboardInterrupt" not in errors
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_the_process_pool_starts_exits_130_and_no_traceback(tmp_path: Path) -> None:
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
+    with start_long_run(out, report) as process:
+        assert process.stderr is not None
+        wait_for_line(process.stderr, "run_start")  # logged before the pools start
+        os.killpg(process.pid, signal.SIGINT)  # the forkserver, starting, gets it too
+        _, errors = process.communicate(timeout=30)
+    assert process.returncode == 130, errors
+    assert "Traceback" not in errors and "KeyboardInterrupt" not in errors
+    data = json.loads(report.read_text())
+    assert data["status"] in ("interrupted", "cancelled", "failed")
+    written = out.read_text().splitlines() if out.exists() else []
+    assert data["items_written"] == len(written)
+
+
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_ends_a_run_whose_thread_is_stuck_for_good(tmp_path: Path) -> None:
+    out, report, marker = tmp_path / "out.jsonl", tmp_path / "report.json", tmp_path / "stuck"
+    with start_run(
+        "stuck_thread.yaml",
+        "--report",
+        str(report),
+        "--log-format",
+        "json",
+        PIPEFLOW_TEST_OUT=str(out),
+        PIPEFLOW_TEST_MARKER=str(marker),
+    ) as process:
+        assert process.stderr is not None
+        wait_for_file(marker)  # item 5's thread is stuck, and no timeout will free it
+        process.send_signal(signal.SIGINT)
+        wait_for_line(process.stderr, "stopping")
+        process.send_signal(signal.SIGINT)
+        try:
+            _, errors = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail("two Ctrl-C did not end the command")
+    assert process.returncode == 130, errors
+    assert "Traceback" not in errors
+    data = json.loads(report.read_text())
+    assert data["status"] == "cancelled"
+    lines = out.read_text().splitlines()
+    assert out.read_text().endswith("\n")
+    assert data["items_written"] == len(lines) and 5 not in [json.loads(x) for x in lines]
+
+
+@pytest.mark.timeout(60)
+def test_workers_end_when_the_run_is_killed_with_sigkill(tmp_path: Path) -> None:
+    marker = tmp_path / "stuck"
+    with start_run(
+        "stuck_process.yaml",
+        PIPEFLOW_TEST_OUT=str(tmp_path / "out.jsonl"),
+        PIPEFLOW_TEST_MARKER=str(marker),
+    ) as process:
+        wait_for_file(marker)  # a worker is inside item 5, for good
+        children = psutil.Process(process.pid).children(recursive=True)
+        workers = [p for p in children if p.pid == int(marker.read_text())]
+        assert workers and len(children) >= 3  # the forkserver and its 2 workers
+        process.kill()  # as the OOM killer does: no cleanup runs in the parent
+        process.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=20)
+    for left in alive:  # leave no orphan behind when the check fails
+        left.kill()
+    assert not alive, f"outlived the run: {[p.pid for p in alive]}"
+
+
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_ends_a_run_whose_stage_holds_the_event_loop(tmp_path: Path) -> None:
+    report, marker = tmp_path / "report.json", tmp_path / "holding"
+    with start_run(
+        "held_loop.yaml", "--report", str(report), PIPEFLOW_TEST_MARKER=str(marker)
+    ) as process:
+        wait_for_file(marker)  # the loop is held: nothing on it runs, the receiver included
+        deadline = time.monotonic() + 30
+        while process.poll() is None:  # Ctrl-C until the command ends (the first one stops)
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.fail("two Ctrl-C did not end the command")
+            process.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=1)
+        _, errors = process.communicate(timeout=10)
+    assert process.returncode == 130, errors
+    assert "Traceback" not in errors
+    assert "did not end within 5s of the second signal" in errors
+    assert json.loads(report.read_text())["status"] == "cancelled"

@@ -7,6 +7,7 @@ SIGPIPE would. Results go to stdout, everything else to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -14,6 +15,7 @@ import operator
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -41,6 +43,9 @@ __all__ = ["app", "main"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_BROKEN_PIPE = 1, 2, 141
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# after a second signal, how long a run that cannot be cancelled (its event loop held by a
+# stage that never awaits) may take before the command writes the report and exits
+SECOND_SIGNAL_GRACE_S = 5.0
 
 app = typer.Typer(
     name="pipeflow",
@@ -167,29 +172,78 @@ def run(
     console = _stderr()
     # with json, every line of stderr is a JSON object: no live table, no rich text
     show_progress = console.is_terminal and not quiet and not as_json
-    outcome = _Outcome()
-    if show_progress:
-        total = operator.length_hint(pipeline.source, 0) or None
-        with LiveProgress(console, total) as live:
-            # log lines written meanwhile go through the live display, above the table
-            configure_logging(log_format.value, logging.INFO)
-            try:
-                anyio.run(_run, pipeline, live.update, outcome)
-            finally:
+    outcome = _Outcome(report)
+    if report is not None:
+        _prepare_output(report, "--report")
+    try:
+        if show_progress:
+            total = operator.length_hint(pipeline.source, 0) or None
+            with LiveProgress(console, total) as live:
+                # log lines written meanwhile go through the live display, above the table
                 configure_logging(log_format.value, logging.INFO)
-    else:
-        anyio.run(_run, pipeline, None, outcome)
+                try:
+                    anyio.run(_run, pipeline, live.update, outcome)
+                finally:
+                    configure_logging(log_format.value, logging.INFO)
+        else:
+            anyio.run(_run, pipeline, None, outcome)
+    finally:
+        outcome.finished.set()
+        # the run's signal receiver leaves Python's defaults behind (a KeyboardInterrupt)
+        _exit_on_signals()
     _finish(outcome, report, console, quiet, as_json)
+
+
+def _prepare_output(path: Path, option: str) -> None:
+    """Create the folder of an output file before the work, and refuse a path that is not one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _usage_error([f"{option} {path}: cannot create its folder: {exc.strerror or exc}"])
+    if path.is_dir():
+        _usage_error([f"{option} {path}: is a directory; give a file path"])
 
 
 class _Outcome:
     """What `_run` learned: the report, the error if the run raised, the signals received."""
 
-    def __init__(self) -> None:
+    def __init__(self, report_file: Path | None = None) -> None:
         self.runner: Runner | None = None
         self.report: RunReport | None = None
         self.error: Exception | None = None
         self.signals: list[int] = []
+        self.report_file = report_file
+        self.finished = threading.Event()
+        self._received = 0
+
+    def count_signal(self, signum: int, frame: Any) -> None:
+        """The Python-level handler during a run, beside the run's signal receiver.
+
+        asyncio's wakeup fd still hands every signal to the receiver on the event loop;
+        this handler runs even while a stage holds the loop, so a second signal ends the
+        command then too.
+        """
+        self._received += 1
+        if self._received == 2:
+            threading.Thread(
+                target=self._end_if_stuck, args=(signum,), name="pipeflow-stop", daemon=True
+            ).start()
+
+    def _end_if_stuck(self, signum: int) -> None:
+        if self.finished.wait(SECOND_SIGNAL_GRACE_S):
+            return
+        report = self.runner.report if self.runner is not None else None
+        if report is not None and self.report_file is not None:
+            if report.status == "running":
+                report.status = "cancelled"
+            with contextlib.suppress(OSError):
+                self.report_file.write_text(report.to_json() + "\n", encoding="utf-8")
+        message = (
+            f"error: the run did not end within {SECOND_SIGNAL_GRACE_S:g}s of the second "
+            "signal (a stage holds the event loop): exiting\n"
+        )
+        os.write(sys.stderr.fileno(), message.encode())
+        os._exit(_SIGNAL_EXIT.get(signal.Signals(signum), 130))
 
 
 async def _run(
@@ -199,6 +253,8 @@ async def _run(
 
     async def watch_signals(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+            for signum in _SIGNAL_EXIT:
+                signal.signal(signum, outcome.count_signal)
             task_status.started()
             async for signum in received:
                 outcome.signals.append(signum)
@@ -250,7 +306,8 @@ def _finish(
         log_failure(error)
     elif isinstance(error, PipelineError):
         print_failure(console, error)
-    elif isinstance(error, PipeflowError):
+    elif isinstance(error, PipeflowError) or (error is not None and outcome.signals):
+        # an error after a signal is the signal's doing (a pool interrupted while starting)
         console.print(Text(f"error: {type(error).__name__}: {error}", style="bold red"))
     elif error is not None:
         raise error
@@ -345,6 +402,9 @@ def bench(
         )
     except ConfigError as exc:
         _usage_error(exc.problems)
+    for path, option in ((output, "--output"), (plot, "--plot")):
+        if path is not None:
+            _prepare_output(path, option)
     console = _stderr()
 
     def show(point: PointResult, number: int, wall: float | None) -> None:
@@ -368,16 +428,31 @@ def schema_command() -> None:
     print(json.dumps(schema(), indent=2))
 
 
+_signalled: list[int] = []
+
+
 def _exit_on_signal(signum: int, frame: Any) -> None:
+    _signalled.append(signum)
     raise SystemExit(_SIGNAL_EXIT.get(signal.Signals(signum), 128 + signum))
 
 
-def main() -> None:
-    """The `pipeflow` console script."""
+def _exit_on_signals() -> None:
     # Outside a run (loading, rendering) a signal ends the command with its exit code at
     # once; during a run, `_run`'s receiver replaces these handlers with a graceful stop.
     for signum in _SIGNAL_EXIT:
         signal.signal(signum, _exit_on_signal)
+
+
+def _stuck_threads() -> bool:
+    main_thread = threading.main_thread()
+    return any(
+        t.is_alive() and not t.daemon and t is not main_thread for t in threading.enumerate()
+    )
+
+
+def main() -> None:
+    """The `pipeflow` console script."""
+    _exit_on_signals()
     # spawn and forkserver workers re-run the parent's main module before their first
     # item; here that is this command (typer, rich, pydantic: ~0.3 s a worker), which no
     # worker needs, since the stage callables come from the config's modules
@@ -387,10 +462,16 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:
-        if abandoned_threads():
-            # a thread stuck past its timeout may never return, and the interpreter would
-            # wait for it at exit: flush what we wrote and end the process now
+        if abandoned_threads() or _stuck_threads():
+            # a thread stuck past its timeout, or in a run cancelled by a second signal,
+            # may never return, and the interpreter would wait for it at exit: flush what
+            # we wrote and end the process now
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(done.code if isinstance(done.code, int) else 1)
+        raise
+    except BaseException:
+        if _signalled:
+            # the signal's SystemExit was raised inside the event loop, and wrapped
+            raise SystemExit(_SIGNAL_EXIT.get(signal.Signals(_signalled[0]), 130)) from None
         raise

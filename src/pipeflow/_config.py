@@ -9,6 +9,7 @@ A part whose shape is wrong is not checked further, so one mistake gives one mes
 from __future__ import annotations
 
 import re
+import tempfile
 import types
 import typing
 from collections.abc import Mapping
@@ -36,7 +37,7 @@ from ._yaml import DataPath, Document, Origin, read_yaml
 
 __all__ = ["load", "schema", "stage_name"]
 
-_CUSTOM_ERRORS = ("duration", "batch", "exactly_one", "null")
+_CUSTOM_ERRORS = ("duration", "batch", "exactly_one", "null", "not_zero")
 _EXPECTED = {
     "int_parsing": "an int",
     "int_type": "an int",
@@ -372,6 +373,8 @@ class _Loader:
                 file = self.base / ref
                 if not file.is_file():
                     self.add(path, f"no such file {str(file)!r}")
+            elif kind in ("jsonl", "csv") and (why := _unwritable(self.base / ref)):
+                self.add(path, why)
 
     def _resolve(self, path: DataPath, ref: str) -> Any:
         try:
@@ -384,6 +387,33 @@ class _Loader:
             return None
         self.resolved[ref] = found
         return found
+
+
+def _unwritable(file: Path) -> str | None:
+    """Why a sink could not write `file`, found without changing what is on disk."""
+    if file.is_dir():
+        return f"{str(file)!r} is a directory; give a file path"
+    folder = file.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the sink creates the missing folders
+    try:
+        if file.exists():
+            with open(file, "a", encoding="utf-8"):
+                pass
+        elif not folder.is_dir():
+            return f"cannot create {str(file)!r}: {str(folder)!r} is not a directory"
+        else:
+            try:
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as exc:
+                why = exc.strerror or exc
+                return (
+                    f"cannot create {str(file)!r}: no file can be made in {str(folder)!r} ({why})"
+                )
+    except OSError as exc:
+        return f"cannot write {str(file)!r}: {exc.strerror or exc}"
+    return None
 
 
 def _has(node: Any, segment: str | int) -> bool:

@@ -240,7 +240,7 @@ class PoolHandle:
             self.spec.workers,
             mp_context=context,
             initializer=_worker.init_process_worker,
-            initargs=(list(sys.path),),
+            initargs=(list(sys.path), os.getpid()),
             max_tasks_per_child=self.spec.max_tasks_per_child,
         )
         # spawn every worker now, so start-up is paid (and measured) before the work

@@ -36,6 +36,9 @@ class StageReport:
         crashed: Items whose worker process died.
         timed_out: Items that ran past `timeout`.
         busy_s: Seconds spent in the stage's callable, summed over workers.
+        loop_blocked_s: For an async stage, seconds its steps held the event loop in
+            steps over 100 ms (time it ran without awaiting, stalling every other stage).
+        max_loop_block_s: For an async stage, its longest such step.
         idle_s: Seconds the stage waited on an empty input queue.
         blocked_s: Seconds the stage waited on a full output queue (backpressure).
         calls: Executor calls made (chunks).
@@ -60,6 +63,8 @@ class StageReport:
     crashed: int = 0
     timed_out: int = 0
     busy_s: float = 0.0
+    loop_blocked_s: float = 0.0
+    max_loop_block_s: float = 0.0
     idle_s: float = 0.0
     blocked_s: float = 0.0
     calls: int = 0

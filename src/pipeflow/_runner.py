@@ -52,6 +52,7 @@ from ._pools import PoolHandle
 from ._report import RunReport, StageReport
 from ._sinks import Sink
 from ._stage import Stage
+from ._steps import TimedSteps
 from ._worker import ChunkResult, Collector, Failure, StageCall
 
 if TYPE_CHECKING:
@@ -654,6 +655,20 @@ class StageRun:
                     ItemTimeout(f"timed out after {timeout:g}s in a {self.kind} worker")
                 )
 
+    def _loop_blocked(self, seconds: float) -> None:
+        """One step of this async stage held the event loop for `seconds`."""
+        report = self.report
+        report.loop_blocked_s += seconds
+        if seconds > report.max_loop_block_s:
+            report.max_loop_block_s = seconds
+            logger.warning(
+                "loop_blocked",
+                stage=self.name,
+                seconds=round(seconds, 3),
+                hint="the stage ran this long without awaiting, and every other stage "
+                "waited: await the slow call, or make the stage kind: thread",
+            )
+
     def _lent_pool_broken(self) -> str:
         return f"a worker process of the pool lent to stage {self.name!r} died; it is broken"
 
@@ -665,15 +680,16 @@ class StageRun:
         collector = Collector(self.stage.op)
         if self.stage.op == "map_batch":
             try:
-                collector.add_batch(
-                    values, await fn(values, self.async_state) if has_state else await fn(values)
-                )
+                call = fn(values, self.async_state) if has_state else fn(values)
+                collector.add_batch(values, await TimedSteps(call, self._loop_blocked))
             except Exception as exc:
                 collector.fail_batch(values, exc)
             return collector.result(started)
         for position, value in enumerate(values):
             try:
-                call = fn(value, self.async_state) if has_state else fn(value)
+                call = TimedSteps(
+                    fn(value, self.async_state) if has_state else fn(value), self._loop_blocked
+                )
                 if timeout is None:
                     result = await call
                 else:

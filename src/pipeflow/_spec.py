@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -254,10 +255,16 @@ class ExecutorSpec(_Spec):
     )
 
 
+def _not_zero(value: int) -> int:
+    if value == 0:
+        raise PydanticCustomError("not_zero", "step must not be 0")
+    return value
+
+
 class RangeSource(_Spec):
     start: int = 0
     stop: int
-    step: int = 1
+    step: Annotated[int, AfterValidator(_not_zero)] = 1
 
 
 class PathSource(_Spec):

@@ -11,6 +11,7 @@ import concurrent.futures
 import functools
 import importlib.util
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -63,6 +64,40 @@ def _dask_installed() -> bool:
         return importlib.util.find_spec("distributed") is not None
     except (ImportError, ValueError):
         return False
+
+
+# Bounds on sizes: beyond them a value is a typo or an attack, and would fork processes or
+# allocate memory until the machine gives out. Process and local Dask pools scale with the
+# cores, with a floor so that a config written for a bigger machine still runs on a laptop.
+MAX_BATCH = 100_000
+MAX_QUEUE_SIZE = 1_024
+MAX_THREADS = 1_024
+MAX_CONCURRENCY = 10_000  # async tasks of a stage, calls in flight on a remote Dask cluster
+
+
+def max_processes() -> int:
+    """The most worker processes one pool may start: 4 per core, and at least 32."""
+    return max(32, 4 * (os.cpu_count() or 1))
+
+
+def _workers_problem(kind: str | None, workers: Any, *, remote: bool = False) -> str | None:
+    """What is wrong with `workers` for a pool of `kind` (None: a stage on a given pool)."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        return f"workers must be a positive int, got {workers!r}"
+    if kind is None:
+        return None
+    if kind == "thread":
+        limit, why = MAX_THREADS, "threads"
+    elif kind in ("process", "dask") and not remote:
+        limit, why = (
+            max_processes(),
+            f"processes: 4 per core on {os.cpu_count()} cores, at least 32",
+        )
+    else:
+        limit, why = MAX_CONCURRENCY, "concurrent calls"
+    if workers > limit:
+        return f"workers must be at most {limit} for kind {kind} ({why}), got {workers}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -135,6 +170,27 @@ class Pool:
             raise ConfigError(Problem(DASK_EXTRA_MISSING, key="kind"))
         if self.workers < 1:
             raise ConfigError(f"a pool needs at least 1 worker, got {self.workers}")
+        if problem := _workers_problem(self.kind, self.workers, remote=self.address != "local"):
+            raise ConfigError(Problem(problem, key="workers"))
+        if self.max_tasks_per_child is not None and (
+            not isinstance(self.max_tasks_per_child, int) or self.max_tasks_per_child < 1
+        ):
+            raise ConfigError(
+                Problem(
+                    f"max_tasks_per_child must be a positive int, got {self.max_tasks_per_child!r}",
+                    key="max_tasks_per_child",
+                )
+            )
+        if self.max_tasks_per_child is not None and (
+            self.kind != "process" or self.start_method == "fork"
+        ):
+            raise ConfigError(
+                Problem(
+                    "max_tasks_per_child applies to kind: process with the forkserver or spawn "
+                    "start method",
+                    key="max_tasks_per_child",
+                )
+            )
         if not isinstance(self.threads_per_worker, int) or self.threads_per_worker < 1:
             raise ConfigError(
                 f"threads_per_worker must be a positive int, got {self.threads_per_worker!r}"
@@ -251,12 +307,22 @@ class Stage:
                 f"start_method must be {_one_of(START_METHODS)}, got {self.start_method!r}",
                 "start_method",
             )
-        if not isinstance(self.workers, int) or self.workers < 1:
-            problem(f"workers must be a positive int, got {self.workers!r}", "workers")
-        if self.batch != "auto" and (not isinstance(self.batch, int) or self.batch < 1):
-            problem(f"batch must be 'auto' or a positive int, got {self.batch!r}", "batch")
-        if not isinstance(self.queue_size, int) or self.queue_size < 1:
-            problem(f"queue_size must be a positive int, got {self.queue_size!r}", "queue_size")
+        # a stage given an executor runs on that pool: its own workers are never started
+        kind = self.kind if self.executor is None else None
+        if workers_problem := _workers_problem(kind, self.workers):
+            problem(workers_problem, "workers")
+        if self.batch != "auto" and (
+            not isinstance(self.batch, int) or not 1 <= self.batch <= MAX_BATCH
+        ):
+            problem(
+                f"batch must be 'auto' or an int from 1 to {MAX_BATCH}, got {self.batch!r}",
+                "batch",
+            )
+        if not isinstance(self.queue_size, int) or not 1 <= self.queue_size <= MAX_QUEUE_SIZE:
+            problem(
+                f"queue_size must be an int from 1 to {MAX_QUEUE_SIZE}, got {self.queue_size!r}",
+                "queue_size",
+            )
         if self.timeout is not None and self.timeout <= 0:
             problem(f"timeout must be positive, got {self.timeout!r}", "timeout")
         if self.kind == "async" and not is_async:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -68,14 +69,21 @@ class UnpicklableError(Exception):
     """Stands in for an exception that cannot cross a process boundary."""
 
 
+RUN_WATCH_INTERVAL_S = 0.5  # where a process's end cannot be waited for, how often to look
+
 _loaded: dict[str, tuple[Callable[..., Any], Any, bool]] = {}
 _loaded_lock = threading.Lock()
 _thread_loaded = threading.local()
 _in_process_worker = False
 
 
-def init_process_worker(sys_path: list[str]) -> None:
-    """Initializer of every pipeflow process worker: the parent's import path, first."""
+def init_process_worker(sys_path: list[str], run_pid: int | None = None) -> None:
+    """Initializer of every pipeflow process worker: the parent's import path, first.
+
+    Args:
+        sys_path: The run's `sys.path`.
+        run_pid: The run's process: the worker ends when it is gone.
+    """
     global _in_process_worker
     _in_process_worker = True
     # Ctrl-C reaches the whole process group: the parent decides how a run stops, and a
@@ -84,6 +92,36 @@ def init_process_worker(sys_path: list[str]) -> None:
     for entry in reversed(sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+    if run_pid is not None:
+        threading.Thread(
+            target=_exit_with, args=(run_pid,), name="pipeflow-run-watch", daemon=True
+        ).start()
+
+
+def _exit_with(pid: int) -> None:
+    # A worker's parent is the forkserver, not the run, so PR_SET_PDEATHSIG would not see
+    # the run die; and a run killed by SIGKILL or the OOM killer never shuts its pool down.
+    # Without this a worker blocks for ever on a queue whose write end it holds itself.
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None  # not Linux >= 5.3: poll instead
+    if pidfd is not None:
+        select.select([pidfd], [], [])  # readable once the process has ended
+    else:
+        while _alive(pid):
+            time.sleep(RUN_WATCH_INTERVAL_S)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def mark_process_worker() -> None:

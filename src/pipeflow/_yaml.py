@@ -4,6 +4,11 @@ A config problem is reported as `FILE:LINE:COL: where: what`, so reading a confi
 for each path into the data (`("stages", 0, "workers")`), the position of its key and of its
 value. `${VAR}` and `${VAR:-default}` are replaced in scalars while the node tree is walked,
 before a plain scalar's type is decided, so `workers: ${WORKERS:-4}` is the int 4.
+
+A config is small, and reading one must stay cheap whatever the file holds: the file's size,
+its nesting depth and the nodes its aliases expand to are bounded while the node tree is
+composed, before anything is expanded (an alias is one node there; the walk that builds the
+data is what would copy it, 9 levels of 9 aliases into 9**9 values).
 """
 
 from __future__ import annotations
@@ -17,9 +22,25 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Document", "Origin", "DataPath", "read_yaml"]
+__all__ = [
+    "MAX_ALIAS_NODES",
+    "MAX_CONFIG_BYTES",
+    "MAX_DEPTH",
+    "ConfigTooLarge",
+    "Document",
+    "Origin",
+    "DataPath",
+    "read_yaml",
+]
 
 DataPath = tuple[str | int, ...]
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A config is at most 1 MiB; data belongs in a `lines`, `jsonl` or `csv` source."""
+MAX_ALIAS_NODES = 10_000
+"""The nodes that all of a config's aliases (`*name`, `<<: *name`) may copy, together."""
+MAX_DEPTH = 100
+"""How deep mappings and lists may nest."""
 
 _VARIABLE = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _STANDARD_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap")
@@ -88,8 +109,15 @@ def read_yaml(path: str | Path, environ: Mapping[str, str] | None = None) -> Doc
         OSError: The file cannot be read.
     """
     file = str(path)
-    text = Path(path).read_text(encoding="utf-8")
-    loader = yaml.SafeLoader(text)
+    with open(path, "rb") as stream:
+        raw = stream.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigTooLarge(
+            f"the config is larger than {MAX_CONFIG_BYTES >> 20} MiB; "
+            "read data from a lines, jsonl or csv source instead"
+        )
+    text = raw.decode("utf-8")
+    loader = _BoundedLoader(text)
     try:
         root = loader.get_single_node()
     finally:
@@ -103,11 +131,56 @@ def read_yaml(path: str | Path, environ: Mapping[str, str] | None = None) -> Doc
     return document
 
 
+class ConfigTooLarge(yaml.MarkedYAMLError):
+    """The config, or what its aliases expand to, is larger than a config may be."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None = None) -> None:
+        super().__init__(problem=problem, problem_mark=mark or yaml.Mark("", 0, 0, 0, "", 0))
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A safe loader that counts, while composing, the nodes its aliases stand for."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0  # nodes composed so far, an alias counting every node it copies
+        self._alias_nodes = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> the nodes it expands to
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        mark = event.start_mark
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(id(node))
+            if size is None:
+                raise ConfigTooLarge(f"alias *{event.anchor} is inside its own anchor", mark)
+            self._nodes += size
+            self._alias_nodes += size
+            if self._alias_nodes > MAX_ALIAS_NODES:
+                raise ConfigTooLarge(
+                    f"aliases expand to more than {MAX_ALIAS_NODES} values; "
+                    "a config is small, write it out or read data from a file",
+                    mark,
+                )
+            return node
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise ConfigTooLarge(f"nested more than {MAX_DEPTH} levels deep", mark)
+        before = self._nodes
+        self._nodes += 1
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._sizes[id(node)] = self._nodes - before
+        return node
+
+
 class _Walker:
     """Builds plain data from the node tree, noting origins and interpolating scalars."""
 
     def __init__(
-        self, document: Document, loader: yaml.SafeLoader, environ: Mapping[str, str]
+        self, document: Document, loader: _BoundedLoader, environ: Mapping[str, str]
     ) -> None:
         self.document = document
         self.loader = loader
