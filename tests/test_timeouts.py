@@ -94,21 +94,21 @@ def test_the_command_writes_every_item_after_a_timeout_kills_a_pool(tmp_path: Pa
 
 
 async def test_instant_items_behind_another_stage_on_a_shared_pool_do_not_time_out() -> None:
-    # one worker: the second stage's instant calls wait behind the first stage's 0.6 s
-    # calls, longer than their own 0.5 s timeout; waiting for a worker is not their time
+    # one worker: the second stage's instant calls wait behind the first stage's 1 s
+    # calls, longer than their own timeout and its grace; waiting is not their time
     pipeline = Pipeline(
         [
-            Stage(fns.sleep_06, name="slow", executor="cpu"),
-            Stage(fns.square, name="instant", executor="cpu", timeout=0.5),
+            Stage(fns.sleep_1, name="slow", executor="cpu"),
+            Stage(fns.square, name="instant", executor="cpu", timeout=0.3),
         ],
         executors={"cpu": Pool("process", workers=1)},
     )
     with anyio.fail_after(50):
-        report = await pipeline.run(range(5))
+        report = await pipeline.run(range(4))
     slow, instant = report.stages
-    assert slow.items_out == 5
-    assert (instant.items_out, instant.errors, instant.timed_out) == (5, 0, 0)
-    assert report.status == "ok" and report.items_written == 5
+    assert slow.items_out == 4
+    assert (instant.items_out, instant.errors, instant.timed_out) == (4, 0, 0)
+    assert report.status == "ok" and report.items_written == 4
 
 
 @pytest.mark.parametrize("workers", [1, 2])
