@@ -169,7 +169,6 @@ def exit_on_2(n: int) -> int:
     return n
 
 
-
 def sleep_1(n: int) -> int:
     time.sleep(1)
     return n
