@@ -113,8 +113,9 @@ async def test_instant_items_behind_another_stage_on_a_shared_pool_do_not_time_o
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_items_waiting_for_a_worker_are_not_on_the_clock(workers: int) -> None:
-    # issue 16: ten items of 0.3 s with a 1 s timeout, more items than workers
-    pipeline = Pipeline([Stage(fns.sleep_03, kind="process", workers=workers, timeout=1)])
+    # ten items of 0.3 s, more than the workers: an item queued behind another one
+    # would reach its 0.6 s timeout, though it runs for half of it
+    pipeline = Pipeline([Stage(fns.sleep_03, kind="process", workers=workers, timeout=0.6)])
     sink = pipeflow.ListSink()
     pipeline.sink = sink
     with anyio.fail_after(50):
