@@ -704,10 +704,17 @@ class StageRun:
                         hint="a thread cannot be killed: it runs on until its call returns; "
                         "one more thread keeps the stage's capacity",
                     )
-                assert deadline_s is not None
-                message = f"timed out after {deadline_s:g}s in a {self.kind} worker"
+                timeout = self.stage.timeout
+                assert timeout is not None and deadline_s is not None
                 if self.stage.op == "map_batch":
+                    allowed = timeout * len(values)
+                    message = (
+                        f"timed out after {allowed:g}s ({len(values)} items at {timeout:g}s each)"
+                    )
                     return self._timed_out_batch(values, message)
+                message = f"timed out after {timeout:g}s in a {self.kind} worker"
+                if self.worker_timed:
+                    message += f" (it could not be interrupted: killed after {deadline_s:g}s)"
                 # a chunk of several items: the item that cannot be interrupted is found
                 # by running them one by one (see _call_isolating)
                 raise _ChunkCallError(ItemTimeout(message))
