@@ -20,7 +20,8 @@ from test_cli import pipeflow as run_command
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_pool_killed_after_a_timeout_loses_no_queued_call() -> None:
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_pool_killed_after_a_timeout_loses_no_queued_call(ordered: bool) -> None:
     # Two stages share one 2-worker pool, so more calls wait in it than its workers and
     # call queue hold: when item 0 times out and the pool is killed, some calls are still
     # queued. Each must run again on the new pool, none counted as an error.
@@ -33,9 +34,9 @@ async def test_a_pool_killed_after_a_timeout_loses_no_queued_call() -> None:
                     executor="cpu",
                     timeout=0.5,
                     on_error="skip",
-                    ordered=False,
+                    ordered=ordered,
                 ),
-                Stage(fns.nap, name="naps", executor="cpu", ordered=False),
+                Stage(fns.nap, name="naps", executor="cpu", ordered=ordered),
             ],
             executors={"cpu": Pool("process", workers=2)},
         )
