@@ -194,3 +194,26 @@ async def test_a_lent_process_pool_that_breaks_fails_the_run() -> None:
     report = error.report  # type: ignore[attr-defined]
     assert report.status == "failed"
     assert report.stages[0].skipped == 0
+
+
+async def test_a_timed_out_items_record_shows_where_it_was_interrupted(tmp_path: Path) -> None:
+    path = tmp_path / "dead.jsonl"
+    pipeline = Pipeline(
+        [
+            Stage(
+                fns.hang_on_5,
+                kind="process",
+                workers=2,
+                batch=5,
+                timeout=0.5,
+                on_error="dead_letter",
+            )
+        ],
+        dead_letter=pipeflow.JsonlSink(path),
+    )
+    with anyio.fail_after(50):
+        results = await pipeline.collect(range(10))
+    assert results == [n for n in range(10) if n != 5]
+    (record,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert (record["index"], record["error"]) == (5, "ItemTimeout")
+    assert "in hang_on_5" in record["traceback"] and "time.sleep(3600)" in record["traceback"]
