@@ -137,4 +137,46 @@ def stuck_on_5(n: int) -> int:
         with open(os.environ["PIPEFLOW_TEST_MARKER"], "w") as marker:
             marker.write(str(os.getpid()))
         threading.Event().wait()
+
+
+def hang_uninterruptibly_on_0(n: int) -> int:
+    """Item 0 hangs where no signal can interrupt it (as C code that never returns to
+    Python would); the others take a moment."""
+    import signal
+
+    if n == 0:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(3600)
+    time.sleep(0.01)
+    return n
+
+
+def nap(n: int) -> int:
+    time.sleep(0.05)
+    return n
+
+
+def sleep_03(n: int) -> int:
+    time.sleep(0.3)
+    return n
+
+
+def sleep_06(n: int) -> int:
+    time.sleep(0.6)
+    return n
+
+
+def batch_sizes(values: list[int]) -> list[int]:
+    """map_batch: every item reports how many items its call received."""
+    return [len(values)] * len(values)
+
+
+def exit_on_2(n: int) -> int:
+    if n == 2:
+        os._exit(1)
+    return n
+
+
+def sleep_1(n: int) -> int:
+    time.sleep(1)
     return n

@@ -144,6 +144,8 @@ class PoolHandle:
         # later than start-up (an idle worker may have taken a start-up call)
         self._processes: dict[int, Any] = {}
         self.abandoned = 0
+        # set when a stage with a timeout uses the pool (see bound_calls)
+        self.slots: asyncio.Semaphore | None = None
         self.kind: str
         if executor is None:
             assert spec is not None
@@ -169,6 +171,30 @@ class PoolHandle:
         started = time.perf_counter()
         self.executor = self._create()
         self.start_s += time.perf_counter() - started
+
+    def bound_calls(self) -> None:
+        """Let no more calls into the pool than it has workers, whichever stage makes them.
+
+        A call then starts as soon as it is submitted, so the clock of an item's timeout,
+        started once the call holds a slot, never runs while it waits in the pool's queue
+        behind other calls (its own stage's or another stage's on a shared pool).
+        """
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.workers)
+
+    def call_slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Hold one of the pool's call slots, if its calls are bounded."""
+        return self.slots if self.slots is not None else contextlib.nullcontext()
+
+    @property
+    def replacing(self) -> bool:
+        """Whether a replacement of the pool is under way."""
+        return self._rebuild_lock.locked()
+
+    async def replaced_since(self, generation: int) -> bool:
+        """Wait for a replacement under way to finish; whether `generation` was replaced."""
+        async with self._rebuild_lock:
+            return self.generation != generation
 
     @property
     def can_rebuild(self) -> bool:

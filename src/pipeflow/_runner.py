@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -71,6 +72,12 @@ TARGET_CALL_S = {"process": 0.05, "executor": 0.05, "dask": 0.05, "thread": 0.02
 MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 1}
 PROGRESS_INTERVAL_S = 0.2
 SAMPLE_CALLS = 16
+# A process worker interrupts an item past its timeout itself; the parent's deadline for
+# a call, `timeout` per item plus this, is the backstop for an item that can't be interrupted.
+BACKSTOP_GRACE_S = 1.0
+# Auto-sized calls of a stage with a timeout hold at most this many seconds of `timeout`,
+# so that an item stuck where its worker cannot interrupt it is found within this long.
+STUCK_ITEM_WINDOW_S = 10.0
 # How long a stopping run waits for a source blocked on its next item before cancelling it.
 STOP_GRACE_S = 2.0
 
@@ -177,12 +184,26 @@ class StageRun:
         self.pool = pool
         self.kind = pool.kind if pool is not None else "async"
         self.workers = pool.workers if pool is not None else stage.workers
-        fixed = (
-            1
-            if stage.timeout is not None
-            else (None if stage.batch == "auto" else int(stage.batch))
+        # A process worker times each of its items itself (see _worker._run_timed), so a
+        # call may hold many items. Elsewhere the parent's clock is an item's only clock:
+        # each call holds one item, except a map_batch call, which holds the batch the
+        # stage asked for and gets `timeout` for each of its items.
+        self.worker_timed = (
+            stage.timeout is not None and self.kind == "process" and _worker.ITEM_TIMERS
         )
+        one_per_call = (
+            stage.timeout is not None and not self.worker_timed and stage.op != "map_batch"
+        )
+        fixed = 1 if one_per_call else (None if stage.batch == "auto" else int(stage.batch))
         self.sizer = _ChunkSizer(fixed, self.kind)
+        if self.worker_timed and stage.timeout is not None:
+            # an item stuck where its worker cannot interrupt it is caught by the call's
+            # deadline, `timeout` per item: keep auto-sized calls short enough for it
+            self.sizer.limit = max(
+                1, min(self.sizer.limit, int(STUCK_ITEM_WINDOW_S / stage.timeout))
+            )
+        if stage.timeout is not None and pool is not None:
+            pool.bound_calls()
         # a process pool is kept busy by one call queued behind each running one
         remote = self.kind in ("process", "executor", "dask")
         self.in_flight = self.workers * 2 if remote else self.workers
@@ -201,6 +222,8 @@ class StageRun:
         self.samples: list[tuple[list[Any], list[Any]]] | None = None
         if pool is not None:
             self.call = self._stage_call(key)
+            if self.worker_timed:
+                self.call = dataclasses.replace(self.call, timeout=stage.timeout)
 
     def _stage_call(self, key: str) -> StageCall:
         stage = self.stage
@@ -283,9 +306,10 @@ class StageRun:
 
     def _direct_executor(self) -> concurrent.futures.Executor | None:
         """The executor an ordered stage may call straight from its dispatcher: a thread
-        pool (it never breaks) with no per-item timeout (which needs a task to enforce)."""
+        pool (it never breaks) whose calls are not bounded for a per-item timeout (which
+        needs a task to enforce)."""
         pool = self.pool
-        if pool is None or pool.kind != "thread" or self.stage.timeout is not None:
+        if pool is None or pool.kind != "thread" or pool.slots is not None:
             return None
         return pool.executor
 
@@ -593,53 +617,83 @@ class StageRun:
     async def _call(self, values: list[Any], *, alone: bool = False) -> ChunkResult:
         """One executor call for a chunk.
 
+        A call that a pool replacement stops before it completes (cancelled while it
+        waits in the old pool, refused by the old pool as it shuts down, or lost with a
+        worker killed over another call) runs again on the new pool, and counts as
+        neither an error nor a retry; a call that completed is never run again.
+
         Raises:
             _Crashed: The pool broke while the call was in it (the pool is replaced).
             _ChunkCallError: The call failed as a whole, or timed out.
+            PipelineError: A pool that cannot be replaced (one lent by the app) broke.
         """
         pool = self.pool
         if pool is None:
             return await self._call_async(values)
         assert self.call is not None
-        loop = asyncio.get_running_loop()
-        timeout = self.stage.timeout
+        deadline_s = self._deadline(len(values))
         while True:
+            if pool.replacing:
+                await pool.replaced_since(pool.generation)
             generation = pool.generation
+            executor = pool.executor
+            assert executor is not None
             gate = pool.gate.alone() if alone else pool.gate.shared()
-            async with gate if pool.can_rebuild else contextlib.nullcontext():
+            async with gate if pool.can_rebuild else contextlib.nullcontext(), pool.call_slot():
+                # with a slot a worker is free: the item's clock starts now
                 try:
-                    future = loop.run_in_executor(
-                        pool.executor, _worker.run_chunk, self.call, values
-                    )
-                except BrokenProcessPool:
+                    submitted = executor.submit(_worker.run_chunk, self.call, values)
+                except (BrokenProcessPool, RuntimeError) as exc:
+                    # broken already, or shut down by a replacement: the call never ran
                     if not pool.can_rebuild:
-                        raise _ChunkCallError(WorkerCrashed(self._lent_pool_broken())) from None
-                    await pool.replace(generation, kill=False)
-                    continue  # the pool was already broken: this call never ran
+                        raise self._unreplaceable(exc) from exc
+                    if isinstance(exc, BrokenProcessPool):
+                        await pool.replace(generation, kill=False)
+                    elif not await pool.replaced_since(generation):
+                        raise
+                    continue
+                future = asyncio.wrap_future(submitted)
                 deadline = (
-                    anyio.move_on_after(timeout)
-                    if timeout is not None
+                    anyio.move_on_after(deadline_s)
+                    if deadline_s is not None
                     else contextlib.nullcontext()
                 )
-                broken = False
                 with deadline as scope:
                     try:
-                        return await future
-                    except BrokenProcessPool:
-                        if not pool.can_rebuild:
-                            raise _ChunkCallError(WorkerCrashed(self._lent_pool_broken())) from None
-                        broken = True
-                    except (anyio.get_cancelled_exc_class(), _worker.UnpicklableError):
+                        # asyncio.wait, unlike awaiting the future, raises CancelledError
+                        # only when this task is cancelled (the run's cancellation or the
+                        # deadline), never because the pool cancelled the call
+                        await asyncio.wait((future,))
+                    except anyio.get_cancelled_exc_class():
+                        future.cancel()
                         raise
-                    except Exception as exc:  # the call itself failed: pickling, mostly
-                        raise _ChunkCallError(exc) from None
-                if broken:
+                if future.done() and not future.cancelled():
+                    # completed (even as its deadline passed): never run it again
+                    error = future.exception()
+                    if error is None:
+                        return future.result()
+                    if isinstance(error, _worker.UnpicklableError):
+                        raise error
+                    if not isinstance(error, BrokenProcessPool):
+                        raise _ChunkCallError(error) from None  # pickling, mostly
+                    if not pool.can_rebuild:
+                        raise self._unreplaceable(error) from error
                     # outside the deadline: waiting for a new pool is not the item's time
                     intentional, cause = await pool.replace(generation, kill=False)
                     if intentional:
                         continue  # we killed that pool ourselves, over another call
                     raise _Crashed(cause) from None
-                assert scope is not None and scope.cancelled_caught
+                if not (scope is not None and scope.cancelled_caught):
+                    # cancelled by the pool, not by this run (that raises above): a
+                    # replacement drops the calls queued in the old pool before they start
+                    if pool.can_rebuild and await pool.replaced_since(generation):
+                        continue
+                    raise self._unreplaceable(RuntimeError("it cancelled a call"))
+                if submitted.cancelled() or pool.replacing or pool.generation != generation:
+                    # timed out before it started, or in a pool being replaced over
+                    # another call: not the item's doing
+                    await pool.replaced_since(generation)
+                    continue
                 # timed out: a process can be killed (the pool is replaced and the other
                 # calls in it run again); a thread cannot, it is abandoned
                 if pool.can_rebuild:
@@ -651,9 +705,20 @@ class StageRun:
                         hint="a thread cannot be killed: it runs on until its call returns; "
                         "one more thread keeps the stage's capacity",
                     )
-                raise _ChunkCallError(
-                    ItemTimeout(f"timed out after {timeout:g}s in a {self.kind} worker")
-                )
+                timeout = self.stage.timeout
+                assert timeout is not None and deadline_s is not None
+                if self.stage.op == "map_batch":
+                    allowed = timeout * len(values)
+                    message = (
+                        f"timed out after {allowed:g}s ({len(values)} items at {timeout:g}s each)"
+                    )
+                    return self._timed_out_batch(values, message)
+                message = f"timed out after {timeout:g}s in a {self.kind} worker"
+                if self.worker_timed:
+                    message += f" (it could not be interrupted: killed after {deadline_s:g}s)"
+                # a chunk of several items: the item that cannot be interrupted is found
+                # by running them one by one (see _call_isolating)
+                raise _ChunkCallError(ItemTimeout(message))
 
     def _loop_blocked(self, seconds: float) -> None:
         """One step of this async stage held the event loop for `seconds`."""
@@ -669,8 +734,34 @@ class StageRun:
                 "waited: await the slow call, or make the stage kind: thread",
             )
 
-    def _lent_pool_broken(self) -> str:
-        return f"a worker process of the pool lent to stage {self.name!r} died; it is broken"
+    def _deadline(self, items: int) -> float | None:
+        """Seconds a call of `items` items may take once it holds a worker, or None."""
+        timeout = self.stage.timeout
+        if timeout is None:
+            return None
+        return timeout * items + (BACKSTOP_GRACE_S if self.worker_timed else 0.0)
+
+    def _timed_out_batch(self, values: list[Any], message: str) -> ChunkResult:
+        collector = Collector(self.stage.op)
+        collector.fail_batch(values, ItemTimeout(message))
+        for failure in collector.failures:
+            failure.traceback = f"ItemTimeout: {message}\n"
+        return collector.result(time.perf_counter())
+
+    def _unreplaceable(self, exc: BaseException) -> PipelineError:
+        """The run's error when a pool pipeflow cannot replace breaks or shuts down."""
+        pool = self.pool
+        assert pool is not None
+        which = f"the pool lent to stage {self.name!r}" if not pool.owned else f"pool {pool.name!r}"
+        if isinstance(exc, BrokenProcessPool):
+            cause: BaseException = WorkerCrashed(
+                f"a worker process of {which} died, which breaks the pool for good; it "
+                "cannot be replaced (pipeflow replaces only the pools it creates), so the "
+                "run stops rather than fail every later item"
+            )
+        else:
+            cause = RuntimeError(f"{which} stopped taking calls ({exc}); the run stops")
+        return _error_of(self.name, None, None, cause)
 
     async def _call_async(self, values: list[Any]) -> ChunkResult:
         started = time.perf_counter()

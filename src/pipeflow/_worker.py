@@ -21,6 +21,8 @@ from typing import Any
 
 import cloudpickle
 
+from ._errors import ItemTimeout
+
 __all__ = ["ChunkResult", "Failure", "StageCall", "init_process_worker", "run_chunk"]
 
 
@@ -37,6 +39,8 @@ class StageCall:
     op: str
     setup: Callable[[], Any] | bytes | None = None
     teardown: Callable[[Any], Any] | bytes | None = None
+    # seconds each item may take, timed by the worker itself (see _run_timed)
+    timeout: float | None = None
 
 
 @dataclass
@@ -269,7 +273,9 @@ def run_chunk(call: StageCall, values: list[Any]) -> ChunkResult:
     if has_state:
         fn = _with_state(fn, state)
     collector = Collector(call.op)
-    if call.op == "map_batch":
+    if call.timeout is not None and threading.current_thread() is threading.main_thread():
+        _run_timed(fn, call.op, values, call.timeout, collector)
+    elif call.op == "map_batch":
         try:
             collector.add_batch(values, fn(values))
         except Exception as exc:
@@ -299,6 +305,89 @@ def run_chunk(call: StageCall, values: list[Any]) -> ChunkResult:
             except Exception as exc:
                 collector.fail(position, exc)
     return collector.result(started)
+
+
+# --- per-item timeouts ---------------------------------------------------------------------
+
+# Whether a process worker can interrupt an item that runs past its time (not on Windows).
+ITEM_TIMERS = hasattr(signal, "setitimer")
+
+_item_running = False
+
+
+class _ItemDeadline(BaseException):
+    """Raised into an item whose time is up. Not an Exception, so that a stage's own
+    `except Exception` cannot swallow it."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    # a late alarm, delivered after its item has returned, is ignored
+    if _item_running:
+        raise _ItemDeadline
+
+
+def _timed(fn: Callable[[Any], Any], arg: Any, seconds: float, materialize: bool) -> Any:
+    global _item_running
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    _item_running = True
+    try:
+        result = fn(arg)
+        return list(result) if materialize else result  # a flat_map's work is in its iteration
+    finally:
+        _item_running = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _run_timed(
+    fn: Callable[[Any], Any], op: str, values: list[Any], timeout: float, collector: Collector
+) -> None:
+    """Apply `fn` to a chunk in a process worker's main thread, each item on its own clock.
+
+    SIGALRM interrupts Python code (and a blocking system call) of an item that runs past
+    `timeout`; the item fails with ItemTimeout and its chunk-mates go on. An item stuck in
+    C code that never returns to the interpreter cannot be interrupted this way: the
+    parent's deadline for the whole call catches it and kills the worker. A map_batch call
+    gets `timeout` for each item it holds. The previous SIGALRM handler is restored after
+    the chunk, so a pool lent by the app is left as it was.
+    """
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        if op == "map_batch":
+            allowed = timeout * len(values)
+            try:
+                collector.add_batch(values, _timed(fn, values, allowed, False))
+            except _ItemDeadline as deadline:
+                message = f"timed out after {allowed:g}s ({len(values)} items at {timeout:g}s each)"
+                collector.fail_batch(values, ItemTimeout(message))
+                for failure in collector.failures:
+                    failure.traceback = _deadline_traceback(deadline, message)
+            except Exception as exc:
+                collector.fail_batch(values, exc)
+            return
+        flat = op == "flat_map"
+        for position, value in enumerate(values):
+            try:
+                collector.add(position, value, _timed(fn, value, timeout, flat))
+            except _ItemDeadline as deadline:
+                message = f"timed out after {timeout:g}s in a process worker"
+                collector.fail(position, ItemTimeout(message))
+                collector.failures[-1].traceback = _deadline_traceback(deadline, message)
+            except Exception as exc:
+                collector.fail(position, exc)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _deadline_traceback(deadline: _ItemDeadline, message: str) -> str:
+    """Where the item was when its time ran out, then the ItemTimeout."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(deadline.__traceback__)
+        if not frame.filename.startswith(_PACKAGE_DIR)
+    ]
+    stack = "".join(traceback.format_list(frames))
+    return f"Traceback (most recent call last):\n{stack}ItemTimeout: {message}\n"
 
 
 def _with_state(fn: Callable[..., Any], state: Any) -> Callable[[Any], Any]:
