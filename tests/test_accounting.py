@@ -1,0 +1,77 @@
+"""What the report counts is what the sinks hold, items run once, and memory is bounded.
+
+Each test runs a real pipeline (process pools, files, the `pipeflow` command) and checks
+what a user sees: the report's counts against the lines in the output and dead-letter
+files, the exit code and the one-line error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+
+import accounting_fns as fns
+import pipeflow
+from pipeflow import JsonlSink, ListSink, Pipeline, Stage
+
+
+def records(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- a dead-letter record is its own item's ---
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_each_dead_letter_record_carries_its_own_items_traceback(
+    tmp_path: Path, kind: str
+) -> None:
+    dead = tmp_path / "dead.jsonl"
+    pipeline = Pipeline(
+        [Stage(fns.fail_on_0_and_1, kind=kind, workers=1, batch=10, on_error="dead_letter")],
+        source=range(10),
+        sink=ListSink(),
+        dead_letter=JsonlSink(dead),
+    )
+    report = pipeline.run_sync()
+    assert report.stages[0].dead_lettered == 2
+    by_index = {r["index"]: r for r in records(dead)}
+    assert sorted(by_index) == [0, 1]
+    assert "ValueError: bad item 0" in str(by_index[0]["traceback"])
+    assert "ValueError: bad item 1" in str(by_index[1]["traceback"])
+    assert "bad item 0" not in str(by_index[1]["traceback"])
+    assert "During handling" not in str(by_index[1]["traceback"])
+
+
+# --- an unpicklable result fails its own item only ---
+
+
+def test_an_unpicklable_result_fails_its_item_and_runs_no_item_twice(tmp_path: Path) -> None:
+    log, dead = tmp_path / "calls.txt", tmp_path / "dead.jsonl"
+    log.touch()
+    sink = ListSink()
+    pipeline = Pipeline(
+        [
+            Stage(
+                functools.partial(fns.lock_for_3_logging_calls, path=str(log)),
+                kind="process",
+                workers=2,
+                batch=10,
+                on_error="dead_letter",
+            )
+        ],
+        source=range(10),
+        sink=sink,
+        dead_letter=JsonlSink(dead),
+    )
+    report = pipeline.run_sync()
+    calls = sorted(int(line) for line in log.read_text().split())
+    assert calls == list(range(10))  # each item ran once: no chunk was run again
+    assert sorted(sink.items) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    (record,) = records(dead)
+    assert record["index"] == 3
+    assert "cannot be pickled" in str(record["message"])
+    assert report.stages[0].dead_lettered == 1 and report.items_written == 9
