@@ -16,6 +16,7 @@ import pytest
 import accounting_fns as fns
 import pipeflow
 from pipeflow import JsonlSink, ListSink, Pipeline, Stage
+from test_cli import pipeflow as pipeflow_command
 
 
 def records(path: Path) -> list[dict[str, object]]:
@@ -75,3 +76,34 @@ def test_an_unpicklable_result_fails_its_item_and_runs_no_item_twice(tmp_path: P
     assert record["index"] == 3
     assert "cannot be pickled" in str(record["message"])
     assert report.stages[0].dead_lettered == 1 and report.items_written == 9
+
+
+# --- a dead-letter file of its own ---
+
+
+def test_a_dead_letter_file_that_is_the_sinks_own_is_refused_by_the_api(tmp_path: Path) -> None:
+    with pytest.raises(pipeflow.ConfigError, match="the sink's own file"):
+        Pipeline(
+            [Stage(fns.fail_odd, on_error="dead_letter")],
+            sink=JsonlSink(tmp_path / "out.jsonl"),
+            dead_letter=JsonlSink(tmp_path / "sub" / ".." / "out.jsonl"),
+        )
+
+
+def test_a_dead_letter_file_that_is_the_sinks_own_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "same.yaml"
+    config.write_text(
+        "source: {range: {stop: 5}}\n"
+        "stages:\n"
+        "  - {fn: accounting_fns:fail_odd, on_error: dead_letter}\n"
+        f"sink: {{jsonl: {tmp_path}/out.jsonl}}\n"
+        "dead_letter:\n"
+        f"  jsonl: {tmp_path}/./out.jsonl\n"
+    )
+    done = pipeflow_command("run", config)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"{config}:6:3: dead_letter: writes to the sink's own file {tmp_path}/out.jsonl, "
+        "which would mix results and dead-letter records in one file; give it a file of its own"
+    ]
+    assert not (tmp_path / "out.jsonl").exists()
