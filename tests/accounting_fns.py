@@ -28,14 +28,6 @@ def fail_odd(n: int) -> int:
     return n
 
 
-def fail_at_300(n: int) -> int:
-    if n == 300:
-        raise RuntimeError("item 300 is fatal")
-    if n % 2:
-        raise ValueError(f"odd {n}")
-    return n
-
-
 def mib_items(count: int) -> Any:
     """`count` items of 1 MiB each, made as they are pulled (every page touched)."""
     for n in range(count):
@@ -45,3 +37,13 @@ def mib_items(count: int) -> Any:
 def first_byte(item: bytes) -> bytes:
     """The item back, as large as it came (its bytes cross the process boundary twice)."""
     return item
+
+
+def fail_all(n: int) -> int:
+    raise ValueError(f"no {n}")
+
+
+def fail_at(n: int, at: int) -> int:
+    if n == at:
+        raise RuntimeError(f"item {n} is fatal")
+    return n

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 
 import accounting_fns as fns
@@ -107,3 +111,75 @@ def test_a_dead_letter_file_that_is_the_sinks_own_is_a_config_error(tmp_path: Pa
         "which would mix results and dead-letter records in one file; give it a file of its own"
     ]
     assert not (tmp_path / "out.jsonl").exists()
+
+
+# --- every dead-letter record counted is written ---
+
+
+class SlowRecords(ListSink):
+    """A dead-letter sink slower than the stage that fails items: records queue up."""
+
+    async def write(self, values: list[Any]) -> None:
+        await anyio.to_thread.run_sync(time.sleep, 0.002)
+        await super().write(values)
+
+
+def dead_letter_pipeline(dead: ListSink, **options: Any) -> Pipeline:
+    return Pipeline(
+        [
+            Stage(fns.fail_odd, kind="thread", workers=2, batch=8, on_error="dead_letter"),
+            Stage(functools.partial(fns.fail_at, at=600), kind="thread", batch=8),
+        ],
+        source=range(2000),
+        sink=ListSink(),
+        dead_letter=dead,
+        **options,
+    )
+
+
+def test_a_run_failed_by_another_stage_writes_every_dead_letter_it_counted() -> None:
+    dead = SlowRecords()
+    with pytest.raises(pipeflow.PipelineError, match="item 600 is fatal") as caught:
+        dead_letter_pipeline(dead).run_sync()
+    counted = caught.value.report.stages[0].dead_lettered  # type: ignore[attr-defined]
+    assert counted >= 300  # every odd item before 600 at least
+    assert len(dead.items) == counted
+    assert len({r["index"] for r in dead.items}) == counted  # none twice
+
+
+def test_a_run_over_its_error_budget_writes_every_dead_letter_it_counted() -> None:
+    dead = SlowRecords()
+    with pytest.raises(pipeflow.ErrorBudgetExceeded) as caught:
+        dead_letter_pipeline(dead, max_errors=200).run_sync()
+    counted = caught.value.report.stages[0].dead_lettered  # type: ignore[attr-defined]
+    assert counted > 200
+    assert len(dead.items) == counted
+    assert len({r["index"] for r in dead.items}) == counted
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_run_writes_every_dead_letter_it_counted() -> None:
+    dead = SlowRecords()
+    runners: list[Any] = []
+    results = 0
+
+    async def cancel_after_100(_: Any) -> None:
+        nonlocal results
+        results += 1
+        if results == 100:
+            scope.cancel()
+
+    pipeline = Pipeline(
+        [Stage(fns.fail_odd, kind="thread", workers=2, batch=8, on_error="dead_letter")],
+        source=range(100_000),
+        sink=pipeflow.CallableSink(cancel_after_100),
+        dead_letter=dead,
+    )
+    with anyio.CancelScope() as scope:
+        await pipeline.run(runner_ready=runners.append)
+    report = runners[0].report
+    assert report.status == "cancelled"
+    counted = report.stages[0].dead_lettered
+    assert counted >= 50
+    assert len(dead.items) == counted
+    assert len({r["index"] for r in dead.items}) == counted

@@ -42,6 +42,7 @@ from ._errors import (
     ConfigError,
     ErrorBudgetExceeded,
     ItemTimeout,
+    PipeflowError,
     PipelineError,
     RemoteTraceback,
     WorkerCrashed,
@@ -141,6 +142,8 @@ def unwrap_group(group: BaseExceptionGroup[Any]) -> BaseException:
     else its first exception that is not a cancellation."""
     chosen: BaseExceptionGroup[Any] | None
     chosen, _ = group.split(PipelineError)
+    if chosen is None:  # an error budget exceeded, say: a closed queue is its echo
+        chosen, _ = group.split(PipeflowError)
     if chosen is None:
         cancelled = anyio.get_cancelled_exc_class()
         chosen, _ = group.split(lambda e: not isinstance(e, cancelled))
@@ -158,6 +161,25 @@ def _error_of(stage: str, index: int | None, value: Any, exc: BaseException) -> 
         error_type=type(exc).__qualname__,
         error_message=str(exc),
         traceback="".join(traceback.format_exception(exc)),
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _dead_letter_error(sink: Sink, exc: BaseException) -> PipelineError:
+    """The dead-letter sink failed. A system error (a full disk) is told in one line,
+    with the file it was writing: pipeflow's own frames would only hide it."""
+    if not isinstance(exc, OSError):
+        return _error_of("dead_letter", None, None, exc)
+    path = getattr(sink, "path", None)
+    message = str(exc) if path is None or exc.filename else f"{exc}: {str(path)!r}"
+    error = PipelineError(
+        stage="dead_letter",
+        index=None,
+        item_repr=None,
+        error_type=type(exc).__qualname__,
+        error_message=message,
+        traceback="",
     )
     error.__cause__ = exc
     return error
@@ -737,7 +759,14 @@ class Runner:
             pool = pipeline.pool_for(stage, self.pools)
             self.stages.append(StageRun(self, stage, pool, f"{run_id}:{stage.name}"))
         self.report = RunReport(name=pipeline.name, stages=[s.report for s in self.stages])
-        self._dead_letters: MemoryObjectSendStream[dict[str, Any]] | None = None
+        # A record stays in `_dead_pending` until the writer takes it (the queue carries
+        # its key), so one whose send was interrupted is neither lost nor written twice;
+        # `_dead_unsent` holds those the writer took but could not write.
+        self._dead_letters: MemoryObjectSendStream[int] | None = None
+        self._dead_pending: dict[int, dict[str, Any]] = {}
+        self._dead_keys = itertools.count()
+        self._dead_unsent: list[dict[str, Any]] = []
+        self._dead_failed = False
         # request_stop() sets both: the source stops between two items and delivers
         # what it holds; closing its queue then lets the stages drain what they hold
         self._stop = anyio.Event()
@@ -749,7 +778,10 @@ class Runner:
     async def dead_letter(self, record: dict[str, Any]) -> None:
         """Hand a dead-letter record to the dead-letter writer."""
         assert self._dead_letters is not None, "dead_letter policy without a dead-letter sink"
-        await self._dead_letters.send(record)
+        key = next(self._dead_keys)
+        # counted already: the end of the run writes it if the writer does not
+        self._dead_pending[key] = record
+        await self._dead_letters.send(key)
 
     def check_error_budget(self) -> None:
         """Abort the run if skipped + dead-lettered items exceed the pipeline's budget."""
@@ -872,13 +904,17 @@ class Runner:
         sends.append(sink_send)
         recvs.append(sink_recv)
         ends: list[MemoryObjectSendStream[Any] | MemoryObjectReceiveStream[Any]] = [*sends, *recvs]
+        dead_sink = pipeline.dead_letter
+        dl_recv: MemoryObjectReceiveStream[int] | None = None
+        failing = False
         try:
+            if dead_sink is not None:
+                dl_send, dl_recv = anyio.create_memory_object_stream[int](64)
+                self._dead_letters = dl_send
+                ends += [dl_send, dl_recv]
+                await self._open_dead_letters(dead_sink)
             async with anyio.create_task_group() as tg:
-                dead_sink = pipeline.dead_letter
-                if dead_sink is not None:
-                    dl_send, dl_recv = anyio.create_memory_object_stream[dict[str, Any]](64)
-                    self._dead_letters = dl_send
-                    ends += [dl_send, dl_recv]
+                if dead_sink is not None and dl_recv is not None:
                     tg.start_soon(self._write_dead_letters, dead_sink, dl_recv)
                 tg.start_soon(self._pump_source, sends[0])
                 for position, stage in enumerate(stages):
@@ -886,7 +922,13 @@ class Runner:
                 await self._drain_to_sink(recvs[-1])
                 if self._dead_letters is not None:
                     await self._dead_letters.aclose()
+        except BaseException:
+            failing = True
+            raise
         finally:
+            if dead_sink is not None and dl_recv is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._finish_dead_letters(dead_sink, failing=failing)
             # each task closes its own ends, but a task cancelled before it started can't
             for end in ends:
                 end.close()
@@ -1024,7 +1066,13 @@ class Runner:
             opened = True
             async with recv:
                 async for batch in recv:
-                    await sink.write(batch.values)
+                    sink.delivered = 0
+                    try:
+                        await sink.write(batch.values)
+                    except BaseException:
+                        # what reached the sink before the write failed or was cancelled
+                        report.items_written += sink.delivered
+                        raise
                     report.items_written += len(batch.values)
         except (PipelineError, anyio.get_cancelled_exc_class()):
             raise
@@ -1037,14 +1085,68 @@ class Runner:
                 with anyio.CancelScope(shield=True):
                     await sink.close()
 
-    async def _write_dead_letters(
-        self, sink: Sink, recv: MemoryObjectReceiveStream[dict[str, Any]]
-    ) -> None:
-        await sink.open()
+    # --- dead letters ---
+
+    async def _open_dead_letters(self, sink: Sink) -> None:
         try:
-            async with recv:
-                async for record in recv:
-                    await sink.write([record])
-        finally:
-            with anyio.CancelScope(shield=True):
-                await sink.close()
+            await sink.open()
+        except Exception as exc:
+            self._dead_failed = True
+            raise _dead_letter_error(sink, exc) from exc
+
+    async def _write_dead_letters(self, sink: Sink, recv: MemoryObjectReceiveStream[int]) -> None:
+        pending = self._dead_pending
+        async with recv:
+            async for key in recv:
+                keys = [key]
+                while len(keys) < 256:  # what else waits goes in the same write
+                    try:
+                        keys.append(recv.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                records = [pending.pop(k) for k in keys if k in pending]
+                await self._write_dead_batch(sink, records)
+
+    async def _write_dead_batch(self, sink: Sink, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        sink.delivered = 0
+        try:
+            await sink.write(records)
+        except anyio.get_cancelled_exc_class():
+            self._dead_unsent[:0] = records[sink.delivered :]
+            raise
+        except Exception as exc:
+            self._dead_failed = True
+            self._dead_unsent[:0] = records[sink.delivered :]
+            raise _dead_letter_error(sink, exc) from exc
+
+    async def _finish_dead_letters(self, sink: Sink, *, failing: bool) -> None:
+        """Write the records still queued or interrupted, then close the dead-letter sink.
+
+        A run that fails or is cancelled still writes every record it counted. A failure
+        here fails the run, unless it is failing already (then it is logged).
+        """
+        records = [*self._dead_unsent, *self._dead_pending.values()]
+        self._dead_unsent, self._dead_pending = [], {}
+        error: PipelineError | None = None
+        lost = len(records)
+        if not self._dead_failed:
+            try:
+                await self._write_dead_batch(sink, records)
+                lost = 0
+            except PipelineError as exc:
+                error, lost = exc, len(self._dead_unsent)
+        try:
+            await sink.close()
+        except Exception as exc:
+            if not self._dead_failed:
+                error = error or _dead_letter_error(sink, exc)
+        if lost:
+            logger.error(
+                "dead_letters_lost",
+                records=lost,
+                hint="the dead-letter sink failed: these records are counted but not written",
+            )
+        if error is not None and not failing:
+            raise error from error.__cause__

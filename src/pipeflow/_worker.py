@@ -111,11 +111,11 @@ def pack_outputs(result: ChunkResult, op: str, items: int) -> ChunkResult:
         first = next(iter(bad.values()))
         bad = dict.fromkeys(range(items), first)
     failures = [f for f in result.failures if f.position not in bad]
-    for position, exc in bad.items():
-        message = f"the result cannot be pickled to leave the worker process: {exc}"
-        error = UnpicklableError(f"{type(exc).__qualname__}: {message}")
-        text = f"{type(exc).__qualname__}: {message}\n"
-        failures.append(Failure(position, error, type(exc).__qualname__, message, text))
+    for position, problem in bad.items():
+        kind = type(problem).__qualname__
+        message = f"the result cannot be pickled to leave the worker process: {problem}"
+        stand_in = UnpicklableError(f"{kind}: {message}")
+        failures.append(Failure(position, stand_in, kind, message, f"{kind}: {message}\n"))
     failures.sort(key=lambda f: f.position)
     pairs = [(o, p) for o, p in zip(result.outputs, kept, strict=True) if p not in bad]
     result = ChunkResult(
