@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import anyio
-import anyio.to_thread
 import pytest
 
 import accounting_fns as fns
@@ -116,63 +115,74 @@ def test_a_dead_letter_file_that_is_the_sinks_own_is_a_config_error(tmp_path: Pa
 # --- every dead-letter record counted is written ---
 
 
-class SlowRecords(ListSink):
-    """A dead-letter sink slower than the stage that fails items: records queue up."""
+class HeldRecords(ListSink):
+    """A dead-letter sink whose first write waits until `until()` holds: the records
+    counted meanwhile wait in the run's queue when the run ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.until: Callable[[], bool] = lambda: True
 
     async def write(self, values: list[Any]) -> None:
-        await anyio.to_thread.run_sync(time.sleep, 0.002)
+        while not self.until():  # a wait on the run's own counts
+            await anyio.sleep(0.001)
         await super().write(values)
 
 
-def dead_letter_pipeline(dead: ListSink, **options: Any) -> Pipeline:
-    return Pipeline(
+def dead_letter_pipeline(dead: HeldRecords, **options: Any) -> tuple[Pipeline, list[Any]]:
+    """Odd items are dead-lettered; item 100 fails the run; the runner lands in the list."""
+    pipeline = Pipeline(
         [
             Stage(fns.fail_odd, kind="thread", workers=2, batch=8, on_error="dead_letter"),
-            Stage(functools.partial(fns.fail_at, at=600), kind="thread", batch=8),
+            Stage(functools.partial(fns.fail_at, at=100), kind="thread", batch=8),
         ],
         source=range(2000),
         sink=ListSink(),
         dead_letter=dead,
         **options,
     )
+    return pipeline, []
 
 
 def test_a_run_failed_by_another_stage_writes_every_dead_letter_it_counted() -> None:
-    dead = SlowRecords()
-    with pytest.raises(pipeflow.PipelineError, match="item 600 is fatal") as caught:
-        dead_letter_pipeline(dead).run_sync()
+    dead = HeldRecords()
+    pipeline, runners = dead_letter_pipeline(dead)
+    dead.until = lambda: runners[0].report.stages[1].failed == 1
+    with pytest.raises(pipeflow.PipelineError, match="item 100 is fatal") as caught:
+        pipeline.run_sync(runner_ready=runners.append)
     counted = caught.value.report.stages[0].dead_lettered  # type: ignore[attr-defined]
-    assert counted >= 300  # every odd item before 600 at least
-    assert len(dead.items) == counted
-    assert len({r["index"] for r in dead.items}) == counted  # none twice
+    assert counted >= 50  # every odd item before 100 at least
+    assert sorted(r["index"] for r in dead.items) == list(range(1, 2 * counted, 2))
 
 
 def test_a_run_over_its_error_budget_writes_every_dead_letter_it_counted() -> None:
-    dead = SlowRecords()
+    dead = HeldRecords()
+    pipeline, runners = dead_letter_pipeline(dead, max_errors=30)
+    dead.until = lambda: runners[0].report.stages[0].dead_lettered > 30
     with pytest.raises(pipeflow.ErrorBudgetExceeded) as caught:
-        dead_letter_pipeline(dead, max_errors=200).run_sync()
+        pipeline.run_sync(runner_ready=runners.append)
     counted = caught.value.report.stages[0].dead_lettered  # type: ignore[attr-defined]
-    assert counted > 200
-    assert len(dead.items) == counted
-    assert len({r["index"] for r in dead.items}) == counted
+    assert counted == 31
+    assert sorted(r["index"] for r in dead.items) == list(range(1, 62, 2))
 
 
 @pytest.mark.anyio
 async def test_a_cancelled_run_writes_every_dead_letter_it_counted() -> None:
-    dead = SlowRecords()
+    dead = HeldRecords()
     runners: list[Any] = []
     results = 0
 
-    async def cancel_after_100(_: Any) -> None:
+    async def cancel_after_40(_: Any) -> None:
         nonlocal results
         results += 1
-        if results == 100:
+        if results == 40:
             scope.cancel()
 
+    dead.until = lambda: scope.cancel_called
     pipeline = Pipeline(
         [Stage(fns.fail_odd, kind="thread", workers=2, batch=8, on_error="dead_letter")],
         source=range(100_000),
-        sink=pipeflow.CallableSink(cancel_after_100),
+        sink=pipeflow.CallableSink(cancel_after_40),
         dead_letter=dead,
     )
     with anyio.CancelScope() as scope:
@@ -180,6 +190,7 @@ async def test_a_cancelled_run_writes_every_dead_letter_it_counted() -> None:
     report = runners[0].report
     assert report.status == "cancelled"
     counted = report.stages[0].dead_lettered
-    assert counted >= 50
-    assert len(dead.items) == counted
-    assert len({r["index"] for r in dead.items}) == counted
+    assert counted >= 30
+    assert sorted(r["index"] for r in dead.items) == list(range(1, 2 * counted, 2))
+
+
