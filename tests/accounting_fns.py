@@ -47,3 +47,7 @@ def fail_at(n: int, at: int) -> int:
     if n == at:
         raise RuntimeError(f"item {n} is fatal")
     return n
+
+
+def identity(value: Any) -> Any:
+    return value

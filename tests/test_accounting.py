@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import resource
+import subprocess
+import sys
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +22,7 @@ import pytest
 import accounting_fns as fns
 import pipeflow
 from pipeflow import JsonlSink, ListSink, Pipeline, Stage
+from test_cli import child_env
 from test_cli import pipeflow as pipeflow_command
 
 
@@ -194,3 +198,104 @@ async def test_a_cancelled_run_writes_every_dead_letter_it_counted() -> None:
     assert sorted(r["index"] for r in dead.items) == list(range(1, 2 * counted, 2))
 
 
+# --- the report counts what reached the sink; files hold whole rows ---
+
+
+def test_a_sink_failing_mid_batch_is_counted_up_to_its_last_delivered_item() -> None:
+    received: list[int] = []
+
+    def take(value: int) -> None:
+        if len(received) == 49:
+            raise OSError("the service went away")
+        received.append(value)
+
+    pipeline = Pipeline(
+        [Stage(fns.identity, kind="thread", batch=64)],
+        source=range(1000),
+        sink=pipeflow.CallableSink(take),
+    )
+    with pytest.raises(pipeflow.PipelineError, match="the service went away") as caught:
+        pipeline.run_sync()
+    assert caught.value.report.items_written == 49  # type: ignore[attr-defined]
+    assert received == list(range(49))
+
+
+def run_with_file_size_limit(config: Path, limit: int, stdout: Path) -> subprocess.Popen[str]:
+    def limit_file_size() -> None:  # writes past `limit` bytes fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    with stdout.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeflow", "run", str(config), "--quiet",
+             "--report", str(config.with_suffix(".report.json"))],
+            cwd=Path(__file__).parent,
+            env=child_env(),
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=limit_file_size,  # noqa: PLW1509 - no threads in the parent at fork
+        )
+
+
+@pytest.mark.parametrize("sink", ["jsonl", "csv", "stdout"])
+def test_a_file_that_fills_up_mid_write_keeps_whole_rows_and_the_report_counts_them(
+    tmp_path: Path, sink: str
+) -> None:
+    out = tmp_path / f"out.{sink}"
+    target = {"jsonl": f"jsonl: {out}", "csv": f"csv: {out}", "stdout": "stdout: {}"}[sink]
+    config = tmp_path / "fills.yaml"
+    config.write_text(
+        "source: {range: {stop: 200000}}\n"
+        "stages:\n"
+        "  - {fn: accounting_fns:identity, kind: thread}\n"
+        f"sink: {{{target}}}\n"
+    )
+    stdout = out if sink == "stdout" else tmp_path / "stdout.txt"
+    with run_with_file_size_limit(config, 100_001, stdout) as process:
+        _, errors = process.communicate(timeout=50)
+    assert process.returncode == 1, errors
+    assert "File too large" in errors and "Traceback" not in errors
+    text = out.read_text()
+    rows = text.splitlines()
+    written = json.loads(config.with_suffix(".report.json").read_text())["items_written"]
+    if sink == "csv":
+        assert rows[0] == "" or rows[0].isdigit()  # no header for plain values
+    if sink == "stdout":  # a stream cannot be cut back: what it took whole is counted
+        assert rows[:written] == [str(n) for n in range(written)]
+        assert len(text.split("\n")) - 1 == written
+    else:
+        assert text.endswith("\n")
+        assert rows == [str(n) for n in range(written)]
+    assert 10_000 < written < 200_000
+
+
+def test_a_csv_row_with_a_key_the_first_row_lacks_fails_naming_the_row_and_the_key(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out.csv"
+    config = tmp_path / "keys.yaml"
+    config.write_text(
+        "source: {items: [{a: 1}, {a: 2, b: 3}]}\n"
+        "stages:\n"
+        "  - {fn: accounting_fns:identity, kind: thread}\n"
+        f"sink: {{csv: {out}}}\n"
+    )
+    done = pipeflow_command("run", config, "--quiet")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[0] == (
+        "error: stage 'sink' failed: ValueError: csv sink: row 2 has the key 'b', which is "
+        "not a column (the columns are the first row's keys: a); name every column with "
+        "`fields:`"
+    )
+    assert out.read_text().splitlines() == ["a", "1"]
+
+
+def test_a_csv_sink_with_chosen_fields_writes_those_columns_only(tmp_path: Path) -> None:
+    out = tmp_path / "out.csv"
+    pipeline = Pipeline(
+        [Stage(fns.identity)],
+        source=[{"a": 1, "b": 2}, {"a": 3, "c": 4}],
+        sink=pipeflow.CsvSink(out, fields=["a"]),
+    )
+    assert pipeline.run_sync().items_written == 2
+    assert out.read_text().splitlines() == ["a", "1", "3"]

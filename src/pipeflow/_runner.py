@@ -166,15 +166,15 @@ def _error_of(stage: str, index: int | None, value: Any, exc: BaseException) -> 
     return error
 
 
-def _dead_letter_error(sink: Sink, exc: BaseException) -> PipelineError:
-    """The dead-letter sink failed. A system error (a full disk) is told in one line,
-    with the file it was writing: pipeflow's own frames would only hide it."""
+def _sink_error(stage: str, sink: Sink, exc: BaseException) -> PipelineError:
+    """A sink (`sink` or `dead_letter`) failed. A system error (a full disk) is told in
+    one line, with the file it was writing: pipeflow's own frames would only hide it."""
     if not isinstance(exc, OSError):
-        return _error_of("dead_letter", None, None, exc)
+        return _error_of(stage, None, None, exc)
     path = getattr(sink, "path", None)
     message = str(exc) if path is None or exc.filename else f"{exc}: {str(path)!r}"
     error = PipelineError(
-        stage="dead_letter",
+        stage=stage,
         index=None,
         item_repr=None,
         error_type=type(exc).__qualname__,
@@ -1079,7 +1079,7 @@ class Runner:
         except Exception as exc:
             # a consumer of stream() that leaves closes the sink's queue as it cancels us
             await anyio.lowlevel.checkpoint_if_cancelled()
-            raise _error_of("sink", None, None, exc) from exc
+            raise _sink_error("sink", sink, exc) from exc
         finally:
             if opened:
                 with anyio.CancelScope(shield=True):
@@ -1092,7 +1092,7 @@ class Runner:
             await sink.open()
         except Exception as exc:
             self._dead_failed = True
-            raise _dead_letter_error(sink, exc) from exc
+            raise _sink_error("dead_letter", sink, exc) from exc
 
     async def _write_dead_letters(self, sink: Sink, recv: MemoryObjectReceiveStream[int]) -> None:
         pending = self._dead_pending
@@ -1119,7 +1119,7 @@ class Runner:
         except Exception as exc:
             self._dead_failed = True
             self._dead_unsent[:0] = records[sink.delivered :]
-            raise _dead_letter_error(sink, exc) from exc
+            raise _sink_error("dead_letter", sink, exc) from exc
 
     async def _finish_dead_letters(self, sink: Sink, *, failing: bool) -> None:
         """Write the records still queued or interrupted, then close the dead-letter sink.
@@ -1141,7 +1141,7 @@ class Runner:
             await sink.close()
         except Exception as exc:
             if not self._dead_failed:
-                error = error or _dead_letter_error(sink, exc)
+                error = error or _sink_error("dead_letter", sink, exc)
         if lost:
             logger.error(
                 "dead_letters_lost",
