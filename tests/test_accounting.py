@@ -251,11 +251,12 @@ def test_a_file_that_fills_up_mid_write_keeps_whole_rows_and_the_report_counts_t
         f"sink: {{{target}}}\n"
     )
     stdout = out if sink == "stdout" else tmp_path / "stdout.txt"
-    with run_with_file_size_limit(config, 100_001, stdout) as process:
+    with run_with_file_size_limit(config, 100_003, stdout) as process:  # mid-row
         _, errors = process.communicate(timeout=50)
     assert process.returncode == 1, errors
     assert "File too large" in errors and "Traceback" not in errors
-    text = out.read_text()
+    text = out.read_bytes().decode().replace("\r\n", "\n")  # csv ends rows with CRLF
+    assert "\r" not in text
     rows = text.splitlines()
     written = json.loads(config.with_suffix(".report.json").read_text())["items_written"]
     if sink == "csv":
