@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from typing import Any
 
 ONE_MIB = 1 << 20
@@ -51,3 +53,11 @@ def fail_at(n: int, at: int) -> int:
 
 def identity(value: Any) -> Any:
     return value
+
+
+def record_slowly(record: dict[str, Any]) -> None:
+    """A dead-letter sink slower than the stage: appends the record's index to the file
+    named by ACCOUNTING_DEAD, a millisecond per record."""
+    time.sleep(0.001)
+    with open(os.environ["ACCOUNTING_DEAD"], "a") as out:
+        out.write(f"{record['index']}\n")

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import resource
+import signal
 import subprocess
 import sys
-from pathlib import Path
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -34,9 +38,7 @@ def records(path: Path) -> list[dict[str, object]]:
 
 
 @pytest.mark.parametrize("kind", ["process", "thread"])
-def test_each_dead_letter_record_carries_its_own_items_traceback(
-    tmp_path: Path, kind: str
-) -> None:
+def test_each_dead_letter_record_carries_its_own_items_traceback(tmp_path: Path, kind: str) -> None:
     dead = tmp_path / "dead.jsonl"
     pipeline = Pipeline(
         [Stage(fns.fail_on_0_and_1, kind=kind, workers=1, batch=10, on_error="dead_letter")],
@@ -128,7 +130,8 @@ class HeldRecords(ListSink):
         self.until: Callable[[], bool] = lambda: True
 
     async def write(self, values: list[Any]) -> None:
-        while not self.until():  # a wait on the run's own counts
+        # the run's counts have no event to wait on: they are polled
+        while not self.until():  # noqa: ASYNC110
             await anyio.sleep(0.001)
         await super().write(values)
 
@@ -226,14 +229,22 @@ def run_with_file_size_limit(config: Path, limit: int, stdout: Path) -> subproce
 
     with stdout.open("w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeflow", "run", str(config), "--quiet",
-             "--report", str(config.with_suffix(".report.json"))],
+            [
+                sys.executable,
+                "-m",
+                "pipeflow",
+                "run",
+                str(config),
+                "--quiet",
+                "--report",
+                str(config.with_suffix(".report.json")),
+            ],
             cwd=Path(__file__).parent,
             env=child_env(),
             stdout=out,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=limit_file_size,  # noqa: PLW1509 - no threads in the parent at fork
+            preexec_fn=limit_file_size,
         )
 
 
@@ -300,3 +311,88 @@ def test_a_csv_sink_with_chosen_fields_writes_those_columns_only(tmp_path: Path)
     )
     assert pipeline.run_sync().items_written == 2
     assert out.read_text().splitlines() == ["a", "1", "3"]
+
+
+# --- the dead-letter sink through the command ---
+
+
+def test_a_full_dead_letter_disk_is_one_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "full.yaml"
+    config.write_text(
+        "source: {range: {stop: 2000}}\n"
+        "stages:\n"
+        "  - {fn: accounting_fns:fail_odd, kind: thread, on_error: dead_letter}\n"
+        f"sink: {{jsonl: {tmp_path}/out.jsonl}}\n"
+        "dead_letter: {jsonl: /dev/full}\n"  # every write: ENOSPC
+    )
+    done = pipeflow_command("run", config, "--quiet")
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert (
+        "error: stage 'dead_letter' failed: OSError: [Errno 28] No space left on device: "
+        "'/dev/full'"
+    ) in lines
+    assert "Traceback" not in done.stderr and "BrokenResourceError" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_twice_still_writes_every_dead_letter_it_counted(tmp_path: Path) -> None:
+    dead, report = tmp_path / "dead.txt", tmp_path / "report.json"
+    config = tmp_path / "long.yaml"
+    config.write_text(
+        "source: {range: {stop: 10000000}}\n"
+        "stages:\n"
+        "  - {fn: accounting_fns:fail_all, kind: thread, on_error: dead_letter}\n"
+        "sink: {null: {}}\n"
+        "dead_letter: {fn: accounting_fns:record_slowly}\n"
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeflow",
+            "run",
+            str(config),
+            "--report",
+            str(report),
+            "--log-format",
+            "json",
+            "--quiet",
+        ],
+        cwd=Path(__file__).parent,
+        env=child_env(ACCOUNTING_DEAD=str(dead)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    stopping = threading.Event()
+
+    def read_logs() -> None:  # a log line per failed item: the pipe must never fill
+        assert process.stderr is not None
+        for line in process.stderr:
+            if '"stopping"' in line:
+                stopping.set()
+
+    reader = threading.Thread(target=read_logs)
+    reader.start()
+    try:
+        while not (dead.exists() and dead.stat().st_size > 1000):  # well under way
+            assert process.poll() is None, "the run ended early"
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGINT)
+        assert stopping.wait(20)
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join()
+        assert process.stderr is not None
+        process.stderr.close()
+    data = json.loads(report.read_text())
+    assert data["status"] in ("cancelled", "interrupted")
+    indices = [int(line) for line in dead.read_text().split()]
+    assert len(indices) == data["stages"][0]["dead_lettered"]
+    assert sorted(indices) == list(range(len(indices)))

@@ -201,7 +201,9 @@ class _TextSink(Sink):
             await anyio.to_thread.run_sync(file.close)
 
 
-def _write_all(write: Callable[[memoryview], int | None], data: bytes) -> tuple[int, OSError | None]:
+def _write_all(
+    write: Callable[[memoryview], int | None], data: bytes
+) -> tuple[int, OSError | None]:
     """Write all of `data`: the bytes written, and the error that stopped it early."""
     view = memoryview(data)
     done = 0
