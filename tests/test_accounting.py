@@ -396,3 +396,25 @@ def test_ctrl_c_twice_still_writes_every_dead_letter_it_counted(tmp_path: Path) 
     indices = [int(line) for line in dead.read_text().split()]
     assert len(indices) == data["stages"][0]["dead_lettered"]
     assert sorted(indices) == list(range(len(indices)))
+
+
+# --- memory in bytes ---
+
+
+@pytest.mark.timeout(180)
+def test_large_items_through_a_process_stage_keep_the_parents_memory_bounded() -> None:
+    # 2,000 items of 1 MiB (2 GiB in all) with the default batch: sized by time alone,
+    # the batches held most of them at once (a 2.1 GiB peak); sized by bytes, the run
+    # holds its queues and its calls in flight, a few MiB each.
+    done = subprocess.run(
+        [sys.executable, "accounting_memory.py", "2000"],
+        cwd=Path(__file__).parent,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["read"] == result["written"] == 2000
+    assert result["peak_mib"] < 400

@@ -21,6 +21,7 @@ import functools
 import itertools
 import math
 import os
+import pickle
 import random
 import threading
 import time
@@ -82,8 +83,62 @@ class Batch(NamedTuple):
     values: list[Any]
 
 
+# Memory in bytes: an executor call carries at most MAX_CALL_BYTES of items and a source
+# batch at most MAX_SOURCE_BATCH_BYTES (always at least one item), so what a run holds
+# stays near (queues + calls in flight) x a few MiB, or one item each, whatever the item
+# size. A fixed `batch:` is the user's choice and is kept.
+MAX_CALL_BYTES = 4 << 20
+MAX_SOURCE_BATCH_BYTES = 4 << 20
+# An item whose size can't be read cheaply is pickled to measure it, once in this many
+# batches (and on the first).
+PICKLE_SAMPLE_EVERY = 16
+
+
+def cheap_size(value: Any) -> int | None:
+    """The bytes `value` holds, when that is cheap to know; None otherwise."""
+    if isinstance(value, bytes | bytearray | str):
+        return len(value)
+    if isinstance(value, memoryview):
+        return value.nbytes
+    if value is None or isinstance(value, bool | int | float):
+        return 32
+    nbytes = getattr(value, "nbytes", None)  # numpy, pyarrow and the like
+    return nbytes if isinstance(nbytes, int) else None
+
+
+class _ByteGauge:
+    """Bytes per item of a stream of batches, from a sample of each batch: quick to rise
+    (a large item is believed at once), slow to fall."""
+
+    def __init__(self) -> None:
+        self.per_item = 0.0
+        self._batches = 0
+
+    def observe(self, values: Sequence[Any]) -> None:
+        if not values:
+            return
+        self._batches += 1
+        sizes = [cheap_size(values[0]), cheap_size(values[-1])]
+        if None in sizes:
+            if self._batches % PICKLE_SAMPLE_EVERY != 1:
+                return
+            try:
+                sizes = [len(pickle.dumps(values[0], pickle.HIGHEST_PROTOCOL))]
+            except Exception:  # it will fail where it must cross a process boundary
+                return
+        size = float(max(s for s in sizes if s is not None))
+        self.per_item = size if size >= self.per_item else 0.8 * self.per_item + 0.2 * size
+
+    def items_within(self, limit: int) -> int:
+        """How many items fit in `limit` bytes (at least one)."""
+        if self.per_item <= 0:
+            return 1 << 30
+        return max(1, int(limit // self.per_item))
+
+
 class _ChunkSizer:
-    """Items per executor call: fixed, or sized from the measured per-item cost."""
+    """Items per executor call: fixed, or sized from the measured per-item cost and
+    capped by the items' bytes."""
 
     def __init__(self, fixed: int | None, kind: str) -> None:
         self.fixed = fixed
@@ -91,13 +146,25 @@ class _ChunkSizer:
         self.target = TARGET_CALL_S[kind]
         self.limit = MAX_CHUNK[kind]
         self.per_item: float | None = None
+        self.by_time = self.size
+        self.bytes = _ByteGauge()
 
     def observe(self, items: int, busy_s: float) -> None:
         if self.fixed is not None or items == 0 or self.target == 0:
             return
         cost = max(busy_s / items, 1e-8)
         self.per_item = cost if self.per_item is None else 0.7 * self.per_item + 0.3 * cost
-        self.size = max(1, min(self.limit, int(self.target / self.per_item)))
+        self.by_time = max(1, min(self.limit, int(self.target / self.per_item)))
+        self._resize()
+
+    def observe_values(self, values: Sequence[Any]) -> None:
+        """Learn the bytes per item from a batch of a stage's inputs or outputs."""
+        if self.fixed is None:
+            self.bytes.observe(values)
+            self._resize()
+
+    def _resize(self) -> None:
+        self.size = min(self.by_time, self.bytes.items_within(MAX_CALL_BYTES))
 
 
 async def _send(send: MemoryObjectSendStream[Any], item: Any) -> float:
@@ -381,8 +448,9 @@ class StageRun:
             waiting = min(recv.statistics().current_buffer_used + 1, report.queue_size)
             if waiting > report.queue_high_water:
                 report.queue_high_water = waiting
-            size = self.sizer.size
             indices, values = batch
+            self.sizer.observe_values(values)
+            size = self.sizer.size
             merged = False
             while len(values) < size:  # merge what already waits, never wait for more
                 try:
@@ -585,6 +653,7 @@ class StageRun:
         by_worker = self.report.by_worker
         by_worker[result.worker] = by_worker.get(result.worker, 0) + items
         self.sizer.observe(items, result.busy_s)
+        self.sizer.observe_values(result.outputs)
 
     def _failed_chunk(self, exc: BaseException) -> ChunkResult:
         collector = Collector(self.stage.op)
@@ -772,6 +841,7 @@ class Runner:
         self._stop = anyio.Event()
         self._stop_pulling = threading.Event()
         self._source_scope = anyio.CancelScope()
+        self._source_bytes = _ByteGauge()
 
     # --- hooks the stages call ---
 
@@ -962,11 +1032,13 @@ class Runner:
         first = self.stages[0]
         if first.sizer.fixed is not None:
             return first.sizer.fixed
-        return max(1, min(SOURCE_MAX_BATCH, first.sizer.size * first.workers))
+        by_bytes = self._source_bytes.items_within(MAX_SOURCE_BATCH_BYTES)
+        return max(1, min(SOURCE_MAX_BATCH, first.sizer.size * first.workers, by_bytes))
 
     async def _deliver(self, send: MemoryObjectSendStream[Batch], values: list[Any]) -> None:
         report = self.report
         index = report.items_read
+        self._source_bytes.observe(values)
         report.source_blocked_s += await _send(
             send, Batch(range(index, index + len(values)), values)
         )
