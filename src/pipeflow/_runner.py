@@ -1218,6 +1218,7 @@ class Runner:
             logger.error(
                 "dead_letters_lost",
                 records=lost,
+                error=str(error) if error is not None else None,
                 hint="the dead-letter sink failed: these records are counted but not written",
             )
         if error is not None and not failing:
