@@ -88,7 +88,7 @@ class Batch(NamedTuple):
 # stays near (queues + calls in flight) x a few MiB, or one item each, whatever the item
 # size. A fixed `batch:` is the user's choice and is kept.
 MAX_CALL_BYTES = 4 << 20
-MAX_SOURCE_BATCH_BYTES = 4 << 20
+MAX_SOURCE_BATCH_BYTES = 2 << 20
 # An item whose size can't be read cheaply is pickled to measure it, once in this many
 # batches (and on the first).
 PICKLE_SAMPLE_EVERY = 16
