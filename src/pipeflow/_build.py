@@ -105,7 +105,7 @@ def build_pipeline(
     except ConfigError as exc:
         for problem in exc.details:
             path: DataPath = () if problem.index is None else ("stages", problem.index)
-            given = data["stages"][problem.index] if problem.index is not None else {}
+            given = data["stages"][problem.index] if problem.index is not None else data
             if problem.key is not None and isinstance(given, dict) and problem.key in given:
                 path = (*path, problem.key)
             add(path, problem.what)
