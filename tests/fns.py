@@ -129,3 +129,7 @@ def burn_briefly(n: int) -> dict[str, int]:
     while time.perf_counter() < deadline:
         pass
     return {"n": n, "square": n * n}
+
+
+def pid_and_square(n: int) -> tuple[int, int]:
+    return os.getpid(), n * n
