@@ -4,6 +4,7 @@ that block between items."""
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections.abc import Iterator
 
 import anyio
@@ -59,3 +60,37 @@ def test_a_recycling_pool_replaces_a_worker_whatever_calls_are_queued() -> None:
         assert [call.result() for call in calls if call in done] == [n * n for n in range(10)]
     finally:
         handle.shutdown(kill=True)
+
+
+# --- a source that blocks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "workers", "count"), [("async", 4, 6), ("thread", 2, 6), ("process", 2, 6)]
+)
+async def test_a_blocked_source_holds_back_nothing_it_yielded(
+    kind: str, workers: int, count: int
+) -> None:
+    release = threading.Event()
+
+    def source() -> Iterator[int]:
+        yield from range(count)
+        release.wait(30)  # blocks on its next item until the test ends
+
+    async def ident(n: int) -> int:
+        return n
+
+    fn = ident if kind == "async" else fns.square
+    pipeline = Pipeline([Stage(fn, kind=kind, workers=workers)])  # type: ignore[arg-type]
+    seen: list[int] = []
+    try:
+        with anyio.move_on_after(20):
+            async with pipeline.stream(source()) as results:
+                async for value in results:
+                    seen.append(value)
+                    if len(seen) == count:
+                        break
+    finally:
+        release.set()
+    expected = list(range(count)) if kind == "async" else [n * n for n in range(count)]
+    assert seen == expected

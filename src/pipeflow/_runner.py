@@ -15,6 +15,7 @@ exit path.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -115,20 +116,114 @@ async def _send(send: MemoryObjectSendStream[Any], item: Any) -> float:
     return 0.0
 
 
-def _pull(iterator: Iterator[Any], size: int, interval: float, stop: threading.Event) -> list[Any]:
-    """Up to `size` items; fewer if the source is slow (`interval` after the first item)
-    or the run is stopping (what was taken is still delivered)."""
-    values: list[Any] = []
-    deadline = 0.0
-    for value in iterator:
-        values.append(value)
-        if len(values) >= size or stop.is_set():
-            break
-        if len(values) == 1:
-            deadline = time.monotonic() + interval
-        elif time.monotonic() > deadline:
-            break
-    return values
+class _Puller:
+    """A blocking iterator pulled in a thread of its own, one batch at a time.
+
+    The thread pulls only the items a batch being taken has room for (nothing is read
+    ahead of the run), and each item it has pulled can be taken at once: an iterator
+    that blocks on its next item never holds back the items it already yielded. Items
+    travel through a deque (thread-safe appends and pops, no lock per item); `pulled`
+    is written by the thread only, `granted` and `taken` by the event loop only.
+    """
+
+    def __init__(self, iterator: Iterator[Any], stop: threading.Event) -> None:
+        self.iterator = iterator
+        self.stop = stop
+        self.items: collections.deque[Any] = collections.deque()
+        self.pulled = 0
+        self.granted = 0
+        self.taken = 0
+        self.want_first = False
+        self.ended = False
+        self.error: BaseException | None = None
+        self.quit = False
+        self.cond = threading.Condition(threading.Lock())
+        self.loop = asyncio.get_running_loop()
+        self.changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            self.loop.call_soon_threadsafe(self.changed.set)
+
+    def pull(self) -> None:
+        """The thread's work: pull the items granted, until the iterator ends."""
+        try:
+            iterator, items, stop = self.iterator, self.items, self.stop
+            while True:
+                if self.pulled >= self.granted:
+                    with self.cond:
+                        while self.pulled >= self.granted and not self.quit:
+                            self.cond.wait()
+                if self.quit or stop.is_set():
+                    return
+                try:
+                    value = next(iterator)
+                except StopIteration:
+                    return
+                items.append(value)
+                self.pulled += 1
+                # the loop sets want_first before it looks at the deque, and this reads
+                # it after the append: one of the two sees the other
+                if self.want_first or self.pulled >= self.granted:
+                    self.want_first = False
+                    self._notify()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ended = True
+            self._notify()
+
+    async def _wait_until(self, done: Callable[[], bool], within: float | None) -> None:
+        deadline = None if within is None else self.loop.time() + within
+        while not done():
+            self.changed.clear()
+            if done():
+                return
+            if deadline is None:
+                await self.changed.wait()
+                continue
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                return
+            with anyio.move_on_after(remaining):
+                await self.changed.wait()
+
+    def _grant(self, size: int) -> None:
+        with self.cond:
+            self.granted = self.taken + size
+            self.cond.notify()
+
+    def _take_held(self) -> list[Any]:
+        items = self.items
+        values = [items.popleft() for _ in range(len(items))]
+        self.taken += len(values)
+        return values
+
+    async def take(self, size: int, interval: float) -> list[Any]:
+        """Up to `size` items: the first whenever it comes, then what follows within
+        `interval` (fewer if the iterator is slow, ends, or the run is stopping)."""
+        self._grant(size)
+        self.want_first = True
+        await self._wait_until(lambda: bool(self.items) or self.ended, None)
+        self.want_first = False
+        await self._wait_until(
+            lambda: self.pulled >= self.granted or self.ended or self.stop.is_set(), interval
+        )
+        values = self._take_held()
+        self._grant(0)
+        return values
+
+    async def finish(self) -> list[Any]:
+        """The items pulled until the thread stops, once it is out of the iterator."""
+        self.close()
+        await self._wait_until(lambda: self.ended, None)
+        return self._take_held()
+
+    def close(self) -> None:
+        """Let the thread go as soon as it is out of the iterator."""
+        with self.cond:
+            self.quit = True
+            self.cond.notify()
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -931,28 +1026,49 @@ class Runner:
         report.items_read += len(values)
 
     async def _pump_sync(self, source: Iterable[Any], send: MemoryObjectSendStream[Batch]) -> None:
-        in_memory = isinstance(source, range | list | tuple)
         iterator = iter(source)
-        size = 1
         stop = self._stop_pulling
         try:
-            while not stop.is_set():
-                if in_memory:
+            if isinstance(source, range | list | tuple):
+                size = 1
+                while not stop.is_set():
                     values = list(itertools.islice(iterator, size))
-                else:
-                    # a generator may block (files, sockets): pull it in a worker thread
-                    values = await anyio.to_thread.run_sync(
-                        _pull, iterator, size, FLUSH_INTERVAL_S, stop, abandon_on_cancel=True
-                    )
-                if not values:
-                    return
-                await self._deliver(send, values)
-                size = min(size * 2, self._max_source_batch())
+                    if not values:
+                        return
+                    await self._deliver(send, values)
+                    size = min(size * 2, self._max_source_batch())
+            else:
+                # a generator may block (files, sockets): pull it in a thread of its own
+                await self._pump_puller(_Puller(iterator, stop), send)
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
                 with contextlib.suppress(ValueError):  # still running in an abandoned thread
                     close()
+
+    async def _pump_puller(self, puller: _Puller, send: MemoryObjectSendStream[Batch]) -> None:
+        size = 1
+        try:
+            async with anyio.create_task_group() as tg:
+                # abandoned if cancelled while the iterator blocks: it ends when it returns
+                tg.start_soon(
+                    functools.partial(anyio.to_thread.run_sync, abandon_on_cancel=True),
+                    puller.pull,
+                )
+                while not puller.ended:
+                    if self._stop_pulling.is_set():
+                        # the item being pulled is delivered too (or dropped when the
+                        # stop's grace period cancels the source)
+                        values = await puller.finish()
+                    else:
+                        values = await puller.take(size, FLUSH_INTERVAL_S)
+                    if values:
+                        await self._deliver(send, values)
+                    size = min(size * 2, self._max_source_batch())
+        finally:
+            puller.close()
+        if puller.error is not None:
+            raise puller.error
 
     async def _pump_async(
         self,
