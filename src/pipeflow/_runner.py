@@ -73,6 +73,14 @@ PROGRESS_INTERVAL_S = 0.2
 SAMPLE_CALLS = 16
 # How long a stopping run waits for a source blocked on its next item before cancelling it.
 STOP_GRACE_S = 2.0
+# How long the end of a run waits for the workers of its pools to tear its stages down:
+# an ok run waits for busy workers (a lent pool may run other work), a failed or
+# cancelled one only briefly, before its own pools are killed.
+END_OF_RUN_S = 10.0
+END_OF_FAILED_RUN_S = 2.0
+# An end-of-run call holds its worker this long, so that each worker of a process pool
+# takes one call of a round.
+END_LINGER_S = 0.05
 
 
 class Batch(NamedTuple):
@@ -327,8 +335,11 @@ class StageRun:
         logger.debug("stage_start", stage=self.name, kind=self.kind, workers=self.workers)
         async with recv, out:
             if self.kind == "async" and stage.setup is not None:
-                state = stage.setup()
-                self.async_state = await state if isinstance(state, Awaitable) else state
+                try:
+                    state = stage.setup()
+                    self.async_state = await state if isinstance(state, Awaitable) else state
+                except Exception as exc:  # as a thread or process stage's setup fails
+                    raise _error_of(self.name, None, None, exc) from exc
             try:
                 async with anyio.create_task_group() as tg:
                     if stage.ordered:
@@ -338,9 +349,14 @@ class StageRun:
             finally:
                 if self.kind == "async" and stage.setup is not None and stage.teardown:
                     with anyio.CancelScope(shield=True):
-                        result = stage.teardown(self.async_state)
-                        if isinstance(result, Awaitable):
-                            await result
+                        try:
+                            result = stage.teardown(self.async_state)
+                            if isinstance(result, Awaitable):
+                                await result
+                        except Exception as exc:  # reported at the run's end, as any kind's
+                            self.runner.teardown_failures.append(
+                                (self.name, "event loop", _worker.Collector.failure_of(exc))
+                            )
         logger.debug(
             "stage_end",
             stage=self.name,
@@ -838,6 +854,8 @@ class Runner:
         self._stop = anyio.Event()
         self._stop_pulling = threading.Event()
         self._source_scope = anyio.CancelScope()
+        # (stage, worker, failure) of each teardown that raised
+        self.teardown_failures: list[tuple[str, str, Failure]] = []
 
     # --- hooks the stages call ---
 
@@ -881,6 +899,7 @@ class Runner:
         started = time.perf_counter()
         logger.info("run_start", pipeline=report.name, stages=[s.name for s in self.stages])
         ok = False
+        teardown_error: PipelineError | None = None
         try:
             await self._start_pools()
             async with anyio.create_task_group() as outer:
@@ -906,7 +925,11 @@ class Runner:
         finally:
             report.wall_s = time.perf_counter() - started
             with anyio.CancelScope(shield=True):
+                await self._end_stages(ok=ok)
                 await self._shutdown_pools(kill=not ok)
+            teardown_error = self._report_teardown_failures(failing=not ok)
+            if teardown_error is not None:
+                self._fail(report, teardown_error)
             self._count_in_flight()
             logger.info(
                 "run_end",
@@ -916,6 +939,8 @@ class Runner:
                 items_read=report.items_read,
                 items_written=report.items_written,
             )
+        if teardown_error is not None:
+            raise teardown_error from teardown_error.__cause__
         return report
 
     @staticmethod
@@ -940,11 +965,98 @@ class Runner:
             if stage.pool is not None:
                 stage.report.pool_start_s = stage.pool.start_s
 
-    async def _shutdown_pools(self, *, kill: bool) -> None:
+    # --- the end of a run ---
+
+    async def _end_stages(self, *, ok: bool) -> None:
+        """Tear down what this run's stages set up in each worker, and drop their cached
+        callables, whoever owns the pool: a pool that outlives the run keeps nothing."""
         for stage in self.stages:
-            if stage.call is not None and stage.pool is not None and not stage.pool.remote:
-                for teardown, state in _worker.thread_teardowns(stage.call.key):
-                    await anyio.to_thread.run_sync(teardown, state)
+            call, pool = stage.call, stage.pool
+            if call is None or pool is None:
+                continue
+            if not pool.remote:
+                for worker, teardown, state in _worker.thread_teardowns(call.key):
+                    try:
+                        await anyio.to_thread.run_sync(teardown, state)
+                    except Exception as exc:
+                        failure = _worker.Collector.failure_of(exc)
+                        self.teardown_failures.append((stage.name, worker, failure))
+            elif pool.kind == "process" and (stage.stage.setup is not None or not pool.owned):
+                # a pool the run created and ends keeps no callable: only state matters
+                pending = {f"pid {pid}" for pid in pool.pids()}
+                with anyio.move_on_after(END_OF_RUN_S if ok else END_OF_FAILED_RUN_S):
+                    await self._end_in_processes(stage, pool, call.key, pending)
+                if pending and stage.stage.teardown is not None:
+                    logger.warning(
+                        "teardown_skipped",
+                        stage=stage.name,
+                        workers=sorted(pending),
+                        hint="these workers stayed busy; their teardown runs when they exit",
+                    )
+
+    async def _end_in_processes(
+        self, stage: StageRun, pool: PoolHandle, key: str, pending: set[str]
+    ) -> None:
+        """Send end-of-run calls until every worker in `pending` has taken one or exited.
+
+        A process pool cannot address its workers, so the calls go in rounds of one per
+        worker still pending, each holding its worker a moment so that the others take
+        the rest of the round. A worker that exits meanwhile (recycled after
+        max_tasks_per_child calls) runs its teardown as it exits.
+        """
+        loop = asyncio.get_running_loop()
+        linger = END_LINGER_S if len(pending) > 1 else 0.0
+        while pending:
+            executor = pool.executor
+            if executor is None:
+                return
+            try:
+                calls = [
+                    loop.run_in_executor(executor, _worker.end_stage, key, linger) for _ in pending
+                ]
+            except (BrokenProcessPool, RuntimeError):
+                return  # a broken or shut-down pool has no worker left to reach
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            for result in results:
+                if isinstance(result, _worker.StageEnd):
+                    pending.discard(result.worker)
+                    if result.failure is not None:
+                        self.teardown_failures.append((stage.name, result.worker, result.failure))
+                elif isinstance(result, asyncio.CancelledError):
+                    raise result
+                else:
+                    return  # the pool broke: its workers are gone, and their state with them
+            pending &= {f"pid {pid}" for pid in pool.pids()}
+
+    def _report_teardown_failures(self, *, failing: bool) -> PipelineError | None:
+        """Log each failed teardown; return the error that fails a run that was ok."""
+        for stage, worker, failure in self.teardown_failures:
+            logger.warning(
+                "teardown_error",
+                stage=stage,
+                worker=worker,
+                error=failure.error_type,
+                message=failure.message,
+                traceback=failure.traceback,
+            )
+        if failing or not self.teardown_failures:
+            return None
+        stage, worker, failure = self.teardown_failures[0]
+        error = PipelineError(
+            stage=stage,
+            index=None,
+            item_repr=None,
+            error_type=failure.error_type,
+            error_message=f"{failure.message} (in teardown, worker {worker})",
+            traceback=failure.traceback,
+        )
+        cause = failure.error
+        if cause.__traceback__ is None and cause.__cause__ is None:
+            cause.__cause__ = RemoteTraceback(failure.traceback)
+        error.__cause__ = cause
+        return error
+
+    async def _shutdown_pools(self, *, kill: bool) -> None:
         for pool in self.pools.values():
             await anyio.to_thread.run_sync(functools.partial(pool.shutdown, kill=kill))
 
