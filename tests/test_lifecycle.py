@@ -200,19 +200,21 @@ async def test_a_lent_pool_keeps_nothing_of_its_runs(tmp_path: Path, kind: str) 
 
 
 @pytest.mark.parametrize("kind", ["async", "thread", "process"])
-async def test_a_failing_setup_fails_the_run_naming_the_stage(kind: str) -> None:
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+async def test_a_failing_setup_fails_the_run_naming_the_stage(kind: str, on_error: str) -> None:
     async def ident(n: int, state: Any) -> int:
         return n
 
     fn = ident if kind == "async" else fns.add_one_with_state
-    pipeline = Pipeline(
-        [Stage(fn, name="db", kind=kind, setup=fns.failing_setup)]  # type: ignore[arg-type]
-    )
+    stage = Stage(fn, name="db", kind=kind, setup=fns.failing_setup, on_error=on_error)  # type: ignore[arg-type]
     with anyio.fail_after(60), pytest.raises(PipelineError) as caught:
-        await pipeline.run(range(5))
-    assert caught.value.stage == "db"
-    assert isinstance(caught.value.__cause__, ValueError)
-    assert "cannot open the connection" in str(caught.value)
+        await Pipeline([stage]).run(range(50))
+    error = caught.value
+    assert (error.stage, error.index, error.error_type) == ("db", None, "ValueError")
+    assert str(error) == "stage 'db' failed: ValueError: cannot open the connection (in setup)"
+    assert isinstance(error.__cause__, ValueError)
+    assert "failing_setup" in error.traceback
+    assert error.report.stages[0].skipped == 0  # type: ignore[attr-defined]
     assert not worker_processes()
 
 

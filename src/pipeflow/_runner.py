@@ -266,6 +266,23 @@ def _error_of(stage: str, index: int | None, value: Any, exc: BaseException) -> 
     return error
 
 
+def _stage_error(stage: str, failure: Failure, where: str) -> PipelineError:
+    """The error that fails a run when a stage's setup or teardown raised."""
+    error = PipelineError(
+        stage=stage,
+        index=None,
+        item_repr=None,
+        error_type=failure.error_type,
+        error_message=f"{failure.message} ({where})",
+        traceback=failure.traceback,
+    )
+    cause = failure.error
+    if cause.__traceback__ is None and cause.__cause__ is None:
+        cause.__cause__ = RemoteTraceback(failure.traceback)
+    error.__cause__ = cause
+    return error
+
+
 # --- stages -------------------------------------------------------------------------------
 
 
@@ -339,7 +356,8 @@ class StageRun:
                     state = stage.setup()
                     self.async_state = await state if isinstance(state, Awaitable) else state
                 except Exception as exc:  # as a thread or process stage's setup fails
-                    raise _error_of(self.name, None, None, exc) from exc
+                    failure = _worker.Collector.failure_of(exc)
+                    raise _stage_error(self.name, failure, "in setup") from exc
             try:
                 async with anyio.create_task_group() as tg:
                     if stage.ordered:
@@ -659,6 +677,9 @@ class StageRun:
                 WorkerCrashed(f"the worker process running this item died ({crash.cause})")
             )
         except _ChunkCallError as exc:
+            if isinstance(exc.error, _worker.SetupFailed):  # fails the run, whatever on_error
+                error = _stage_error(self.name, exc.error.failure, "in setup")
+                raise error from error.__cause__
             if len(values) == 1:
                 return self._failed_chunk(exc.error)
             singles = [await self._call_isolating([value], suspect=suspect) for value in values]
@@ -1042,19 +1063,7 @@ class Runner:
         if failing or not self.teardown_failures:
             return None
         stage, worker, failure = self.teardown_failures[0]
-        error = PipelineError(
-            stage=stage,
-            index=None,
-            item_repr=None,
-            error_type=failure.error_type,
-            error_message=f"{failure.message} (in teardown, worker {worker})",
-            traceback=failure.traceback,
-        )
-        cause = failure.error
-        if cause.__traceback__ is None and cause.__cause__ is None:
-            cause.__cause__ = RemoteTraceback(failure.traceback)
-        error.__cause__ = cause
-        return error
+        return _stage_error(stage, failure, f"in teardown, worker {worker}")
 
     async def _shutdown_pools(self, *, kill: bool) -> None:
         for pool in self.pools.values():

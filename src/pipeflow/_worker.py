@@ -24,6 +24,7 @@ import cloudpickle
 __all__ = [
     "ChunkResult",
     "Failure",
+    "SetupFailed",
     "StageCall",
     "StageEnd",
     "end_stage",
@@ -152,7 +153,10 @@ def _stage_fn(call: StageCall) -> tuple[Callable[..., Any], Any, bool]:
     if entry is None:
         fn = _load(call.fn)
         has_state = call.setup is not None
-        state = _load(call.setup)() if has_state else None
+        try:
+            state = _load(call.setup)() if has_state else None
+        except Exception as exc:
+            raise SetupFailed(_portable_failure(exc)) from None
         teardown = _load(call.teardown) if has_state and call.teardown is not None else None
         if in_process:
             if teardown is not None:
@@ -194,6 +198,22 @@ def thread_teardowns(key: str) -> list[tuple[str, Callable[[Any], Any], Any]]:
     return [(worker, t, state) for _, _, t, state, worker in mine if t is not None]
 
 
+class SetupFailed(Exception):
+    """A stage's setup raised in a worker: the stage cannot run there, whatever the item."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure)
+        self.failure = failure
+
+
+def _portable_failure(exc: BaseException) -> Failure:
+    """`exc` as a Failure that can travel back from any process, a lent pool's too."""
+    failure = _failure(0, exc)
+    exc.__traceback__ = None
+    failure.error = _portable(exc)
+    return failure
+
+
 @dataclass
 class StageEnd:
     """What ending a stage did in one process worker (see end_stage)."""
@@ -217,9 +237,7 @@ def end_stage(key: str, linger: float = 0.0) -> StageEnd:
         try:
             teardown(state)
         except Exception as exc:
-            failure = _failure(0, exc)
-            exc.__traceback__ = None
-            failure.error = _portable(exc)
+            failure = _portable_failure(exc)
         del teardown, state
     if linger:
         time.sleep(linger)
