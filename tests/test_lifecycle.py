@@ -18,6 +18,7 @@ import fns
 from conftest import worker_processes
 from pipeflow import ListSink, Pipeline, PipelineError, Pool, Stage
 from pipeflow._pools import PoolHandle
+from test_cli import pipeflow
 
 pytestmark = pytest.mark.anyio
 
@@ -252,3 +253,28 @@ async def test_a_failing_teardown_fails_the_run_after_its_items_are_written(
     logged = [r.msg for r in caplog.records if "teardown_error" in str(r.msg)]
     assert logged and all("failing_teardown" in str(m) for m in logged)
     assert not worker_processes()
+
+
+def test_a_recycled_worker_reports_its_failing_teardown_on_stderr(tmp_path: Path) -> None:
+    config = tmp_path / "recycled.yaml"
+    out = tmp_path / "out.jsonl"
+    config.write_text(
+        "executors:\n"
+        "  cpu: {kind: process, workers: 1, max_tasks_per_child: 1}\n"
+        "source:\n  range: {stop: 5}\n"
+        "stages:\n"
+        "  - name: db\n"
+        "    fn: fns:add_one_with_state\n"
+        "    executor: cpu\n"
+        "    batch: 1\n"
+        "    setup: fns:make_empty_state\n"
+        "    teardown: fns:failing_teardown\n"
+        f"sink:\n  jsonl: {out}\n"
+    )
+    done = pipeflow("run", config, "--quiet")
+    assert out.read_text().split() == ["1", "2", "3", "4", "5"]
+    # each call ran in a worker of its own, which tore down as it exited
+    reports = done.stderr.count("pipeflow: teardown of stage 'db' failed in worker pid ")
+    assert reports == 5, done.stderr
+    assert "ValueError: cannot close the connection" in done.stderr
+    assert "in failing_teardown" in done.stderr
