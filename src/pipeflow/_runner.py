@@ -1012,7 +1012,7 @@ class Runner:
                         "teardown_skipped",
                         stage=stage.name,
                         workers=sorted(pending),
-                        hint="these workers stayed busy; their teardown runs when they exit",
+                        hint="these workers stayed busy; they tear down only if they exit normally",
                     )
 
     async def _end_in_processes(
