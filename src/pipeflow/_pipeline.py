@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import ConfigError
+from ._errors import ConfigError, PipeflowError
 from ._pools import PoolHandle
 from ._report import RunReport
 from ._runner import Runner, unwrap_group
@@ -142,7 +142,9 @@ class Pipeline:
         Raises:
             PipelineError: An item failed a stage whose `on_error` is `fail`, or the source
                 or the sink raised. The report is attached as its `report` attribute.
+            PipeflowError: Awaited without a running asyncio event loop (under trio).
         """
+        _require_asyncio()
         runner = Runner(self, self._source(source), self.sink or NullSink(), progress)
         if runner_ready is not None:
             runner_ready(runner)
@@ -168,6 +170,7 @@ class Pipeline:
 
     async def collect(self, source: Any = None) -> list[Any]:
         """Run the pipeline and return its results as a list (for small runs and tests)."""
+        _require_asyncio()
         sink = ListSink()
         runner = Runner(self, self._source(source), sink)
         await runner.run()
@@ -183,9 +186,11 @@ class Pipeline:
         Raises:
             PipelineError: As `run()`.
         """
+        _require_asyncio()
         send, recv = anyio.create_memory_object_stream[list[Any]](2)
         runner = Runner(self, self._source(source), _ChannelSink(send))
         results = _Results(recv)
+        error: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(runner.run)
@@ -197,6 +202,8 @@ class Pipeline:
                     recv.close()
         except BaseExceptionGroup as group:
             error = unwrap_group(group)
+        if error is not None:
+            # raised outside the except block: the group is no part of the error's context
             raise error from error.__cause__
 
     def describe(self) -> list[dict[str, Any]]:
@@ -218,6 +225,17 @@ class Pipeline:
                 }
             )
         return rows
+
+
+def _require_asyncio() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise PipeflowError(
+            "pipeflow runs on asyncio only, and no asyncio event loop is running here "
+            "(trio, for one, is not supported): run the pipeline under asyncio "
+            "(asyncio.run, anyio.run(..., backend='asyncio'), a notebook) or call run_sync()"
+        ) from None
 
 
 class _ChannelSink(Sink):
