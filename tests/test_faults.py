@@ -205,23 +205,3 @@ async def test_a_stop_with_an_async_source_delivers_every_item_taken_from_it() -
         report = await pipeline.run(endless(), progress=progress, runner_ready=runners.append)
     assert report.status == "interrupted"
     assert sink.items == list(range(taken)), "an item taken from the source was dropped"
-
-
-def test_a_script_without_a_main_guard_gets_a_clear_error_at_once(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    script = tmp_path / "no_guard.py"
-    script.write_text(
-        "import pipeflow\n"
-        "def square(n):\n"
-        "    return n * n\n"
-        "stage = pipeflow.Stage(square, kind='process', workers=2)\n"
-        "pipeflow.Pipeline([stage]).run_sync(range(9))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
-    )
-    assert done.returncode != 0
-    assert "PoolStartError" in done.stderr
-    assert "if __name__ == '__main__':" in done.stderr

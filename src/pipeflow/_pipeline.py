@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import ConfigError, Problem
+from ._errors import ConfigError, PipeflowError, Problem
 from ._imports import did_you_mean
 from ._pools import PoolHandle
 from ._report import RunReport
@@ -166,7 +166,9 @@ class Pipeline:
         Raises:
             PipelineError: An item failed a stage whose `on_error` is `fail`, or the source
                 or the sink raised. The report is attached as its `report` attribute.
+            PipeflowError: Awaited without a running asyncio event loop (under trio).
         """
+        _require_asyncio()
         runner = Runner(self, self._source(source), self.sink or NullSink(), progress)
         if runner_ready is not None:
             runner_ready(runner)
@@ -192,6 +194,7 @@ class Pipeline:
 
     async def collect(self, source: Any = None) -> list[Any]:
         """Run the pipeline and return its results as a list (for small runs and tests)."""
+        _require_asyncio()
         sink = ListSink()
         runner = Runner(self, self._source(source), sink)
         await runner.run()
@@ -207,9 +210,11 @@ class Pipeline:
         Raises:
             PipelineError: As `run()`.
         """
+        _require_asyncio()
         send, recv = anyio.create_memory_object_stream[list[Any]](2)
         runner = Runner(self, self._source(source), _ChannelSink(send))
         results = _Results(recv)
+        error: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(runner.run)
@@ -221,6 +226,8 @@ class Pipeline:
                     recv.close()
         except BaseExceptionGroup as group:
             error = unwrap_group(group)
+        if error is not None:
+            # raised outside the except block: the group is no part of the error's context
             raise error from error.__cause__
 
     def describe(self) -> list[dict[str, Any]]:
@@ -253,6 +260,17 @@ def _same_file(sink: Sink | None, dead_letter: Sink | None) -> str | None:
     if first == second or (first.exists() and second.exists() and first.samefile(second)):
         return str(paths[0])
     return None
+
+
+def _require_asyncio() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise PipeflowError(
+            "pipeflow runs on asyncio only, and no asyncio event loop is running here "
+            "(trio, for one, is not supported): run the pipeline under asyncio "
+            "(asyncio.run, anyio.run(..., backend='asyncio'), a notebook) or call run_sync()"
+        ) from None
 
 
 class _ChannelSink(Sink):

@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from . import _dask, _worker
+from . import _compat, _dask, _worker
 from ._errors import CrashLoop, PoolStartError
 from ._stage import Pool
 
@@ -169,11 +169,11 @@ class PoolHandle:
             # a Dask worker runs a call in each of its threads
             self.workers = spec.workers * (spec.threads_per_worker if spec.kind == "dask" else 1)
         elif isinstance(executor, concurrent.futures.ThreadPoolExecutor):
-            self.kind, self.workers = "thread", executor._max_workers
+            self.kind, self.workers = "thread", _compat.max_workers(executor)
         elif isinstance(executor, concurrent.futures.ProcessPoolExecutor):
-            self.kind, self.workers = "process", _guess_workers(executor)
+            self.kind, self.workers = "process", _compat.max_workers(executor)
         else:  # a Dask client's executor, for one: it pickles what it sends
-            self.kind, self.workers = "executor", _guess_workers(executor)
+            self.kind, self.workers = "executor", _compat.max_workers(executor)
 
     @property
     def remote(self) -> bool:
@@ -275,9 +275,12 @@ class PoolHandle:
                 self.spec.workers, thread_name_prefix=f"pipeflow-{self.name}"
             )
         method = self.spec.start_method or default_start_method()
-        context = multiprocessing.get_context(method)
+        # workers import the parent's main module only where that cannot run it again
+        import_main = _compat.main_is_guarded()
+        context = _compat.process_context(method, import_main=import_main)
         if method == "forkserver":
-            context.set_forkserver_preload(["__main__", "pipeflow._worker"])
+            preload = ["pipeflow._compat", "pipeflow._worker"]
+            context.set_forkserver_preload(["__main__", *preload] if import_main else preload)
         recycling = self.spec.max_tasks_per_child is not None
         pool_class = _RecyclingProcessPool if recycling else concurrent.futures.ProcessPoolExecutor
         executor = pool_class(
@@ -290,15 +293,19 @@ class PoolHandle:
         # spawn every worker now, so start-up is paid (and measured) before the work
         started = [executor.submit(_noop) for _ in range(self.spec.workers)]
         concurrent.futures.wait(started)
-        self._processes = getattr(executor, "_processes", {})
+        self._processes = _compat.pool_processes(executor)
         if any(future.exception() is not None for future in started):
             death = _cause_of_death(list(self._processes.values()))
             executor.shutdown(wait=True, cancel_futures=True)
+            main = getattr(sys.modules.get("__main__"), "__file__", None)
             raise PoolStartError(
-                f"pool {self.name!r}: its worker processes died while starting ({death}). "
-                "With the spawn or forkserver start method each worker first imports the "
-                "parent's __main__ module: a script that runs a pipeline at import time "
-                "needs `if __name__ == '__main__':`"
+                f"pool {self.name!r}: its worker processes died while starting ({death}); "
+                + (
+                    f"each worker first imports the main module {main}: it must import "
+                    "without errors (the workers' error output is above)"
+                    if import_main and method != "fork"
+                    else "the workers' error output is above"
+                )
             )
         return executor
 
@@ -306,7 +313,7 @@ class PoolHandle:
         """The process ids of the pool's live worker processes (none for threads)."""
         if isinstance(self.executor, _dask.DaskExecutor):
             return self.executor.pids()
-        processes = getattr(self.executor, "_processes", None) or {}
+        processes = _compat.pool_processes(self.executor)
         return [p.pid for p in list(processes.values()) if p.pid is not None]
 
     def shutdown(self, *, kill: bool) -> None:
@@ -327,14 +334,7 @@ class PoolHandle:
         executor = self.executor
         if not (self.owned and isinstance(executor, concurrent.futures.ThreadPoolExecutor)):
             return False
-        executor._max_workers += 1
-        # The pool counts a thread as idle once it has finished a call, even when that
-        # thread then took the call that hung, and reuses "idle" threads before it starts
-        # new ones: drop that count, so the next call starts the replacement thread.
-        idle = executor._idle_semaphore
-        while idle.acquire(timeout=0):
-            pass
-        executor._adjust_thread_count()
+        _compat.add_thread(executor)
         self.abandoned += 1
         global _abandoned_threads
         _abandoned_threads += 1
@@ -350,7 +350,7 @@ class PoolHandle:
         if kill and isinstance(executor, _dask.DaskExecutor):
             executor.kill_workers()
         if kill and self.kind == "process":
-            processes = getattr(executor, "_processes", None) or {}
+            processes = _compat.pool_processes(executor)
             for process in list(processes.values()):
                 with contextlib.suppress(ProcessLookupError, TypeError):
                     os.kill(process.pid, signal.SIGKILL)
@@ -376,11 +376,3 @@ def _cause_of_death(processes: list[Any], patience: float = 1.0) -> str:
         return "unknown cause"
     code = min(telling or codes, key=lambda c: c > 0)  # a signal says more than a code
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-
-
-def _guess_workers(executor: Any) -> int:
-    for attr in ("_max_workers", "max_workers"):
-        value = getattr(executor, attr, None)
-        if isinstance(value, int):
-            return value
-    return os.cpu_count() or 1

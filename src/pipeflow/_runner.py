@@ -1129,6 +1129,7 @@ class Runner:
         started = time.perf_counter()
         logger.info("run_start", pipeline=report.name, stages=[s.name for s in self.stages])
         ok = False
+        failure: BaseException | None = None
         teardown_error: PipelineError | None = None
         try:
             await self._start_pools()
@@ -1143,9 +1144,8 @@ class Runner:
             ok = True
             report.status = "interrupted" if self._stop.is_set() else "ok"
         except BaseExceptionGroup as group:
-            error = unwrap_group(group)
-            self._fail(report, error)
-            raise error from (error.__cause__ if isinstance(error, PipelineError) else None)
+            failure = unwrap_group(group)
+            self._fail(report, failure)
         except anyio.get_cancelled_exc_class():
             report.status = "cancelled"
             raise
@@ -1169,6 +1169,10 @@ class Runner:
                 items_read=report.items_read,
                 items_written=report.items_written,
             )
+        if failure is not None:
+            # raised outside the except block, so that the group is not the error's
+            # context: IPython shows an error with a group in its context as plain text
+            raise failure from (failure.__cause__ if isinstance(failure, PipelineError) else None)
         if teardown_error is not None:
             raise teardown_error from teardown_error.__cause__
         return report

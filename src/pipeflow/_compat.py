@@ -1,0 +1,257 @@
+"""The CPython internals pipeflow relies on, in one place, each with a fallback.
+
+The standard pools keep no public handle on their size, their worker processes or the
+preparation a new process gets; pipeflow reads or extends those internals here only.
+Where an internal is missing (another Python version or implementation), a fallback
+keeps runs working with less: no extra thread after a timeout, no worker pids.
+
+Process workers: with the spawn and forkserver start methods, `multiprocessing` makes
+every new process import the parent's main module (to find what was defined there).
+pipeflow pickles a process stage's callables by value, so its workers need that import
+only for a script that guards its entry point: there, items of classes defined in the
+script keep working as with `multiprocessing`. Anything else (a script that runs its
+pipeline at import time, stdin, `-c`, the REPL, a notebook) gets workers that leave the
+parent's main module alone, so importing it cannot run the pipeline again in a worker.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import multiprocessing.context
+import os
+import sys
+import threading
+from types import FrameType, ModuleType
+from typing import Any
+
+__all__ = [
+    "add_thread",
+    "main_is_guarded",
+    "max_workers",
+    "pool_processes",
+    "process_context",
+]
+
+
+def max_workers(executor: Any) -> int:
+    """How many workers an executor runs at most (the CPU count when it does not say)."""
+    for attr in ("_max_workers", "max_workers"):
+        value = getattr(executor, attr, None)
+        if isinstance(value, int):
+            return value
+    return os.cpu_count() or 1
+
+
+def add_thread(executor: Any) -> bool:
+    """Let a thread pool start one more thread than it has, for its next call.
+
+    The pool counts a thread as idle once it has finished a call, even when that thread
+    then took a call that hangs, and reuses "idle" threads before it starts new ones:
+    that count is dropped, so the next call starts the new thread.
+
+    Returns:
+        Whether the pool could be grown (False where its internals are not the ones known).
+    """
+    size = getattr(executor, "_max_workers", None)
+    idle = getattr(executor, "_idle_semaphore", None)
+    adjust = getattr(executor, "_adjust_thread_count", None)
+    if not isinstance(size, int) or idle is None or adjust is None:
+        return False
+    executor._max_workers = size + 1
+    while idle.acquire(timeout=0):
+        pass
+    adjust()
+    return True
+
+
+def pool_processes(executor: Any) -> dict[int, Any]:
+    """A process pool's own live `{pid: process}` map, which it extends when it starts a
+    worker later; an empty dict when the pool has none (or has been shut down)."""
+    processes = getattr(executor, "_processes", None)
+    return processes if isinstance(processes, dict) else {}
+
+
+# --- the parent's main module in process workers ---
+
+
+def _is_main_test(test: Any) -> bool:
+    import ast
+
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
+        return False
+    if not isinstance(test.ops[0], ast.Eq):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s.id for s in sides if isinstance(s, ast.Name)]
+    constants = [s.value for s in sides if isinstance(s, ast.Constant)]
+    return names == ["__name__"] and constants == ["__main__"]
+
+
+def _main_module_frame(main: ModuleType, path: str) -> FrameType | None:
+    """The frame of the main thread that runs the main module's own top-level code."""
+    frames = getattr(sys, "_current_frames", None)
+    if frames is None:
+        return None
+    frame: FrameType | None = frames().get(threading.main_thread().ident or 0)
+    while frame is not None:
+        code = frame.f_code
+        if (
+            code.co_name == "<module>"
+            and frame.f_globals is vars(main)
+            and os.path.abspath(code.co_filename) == path
+        ):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def main_is_guarded() -> bool:
+    """Whether the parent's main module is a file whose top-level code runs inside
+    `if __name__ == "__main__":` right now, so that importing it again under another
+    name (as a worker does) does not run the caller again."""
+    import ast
+    import tokenize
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not isinstance(path, str):
+        return False
+    path = os.path.abspath(path)
+    frame = _main_module_frame(main, path)
+    if frame is None:
+        return False
+    line = frame.f_lineno
+    try:
+        with tokenize.open(path) as file:
+            tree = ast.parse(file.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return any(
+        isinstance(node, ast.If)
+        and _is_main_test(node.test)
+        and node.body[0].lineno <= line <= (node.body[-1].end_lineno or node.body[-1].lineno)
+        for node in ast.walk(tree)
+    )
+
+
+_MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    """What a new process gets to prepare itself, less the import of the main module."""
+    from multiprocessing import spawn
+
+    data: dict[str, Any] = spawn.get_preparation_data(name)
+    for key in _MAIN_KEYS:
+        data.pop(key, None)
+    return data
+
+
+# The two Popen classes below are CPython's own (3.11 to 3.13 share them), except that
+# the preparation data leaves the main module out.
+_contexts: dict[str, type[multiprocessing.context.BaseContext]] = {}
+
+try:
+    from multiprocessing import forkserver, popen_forkserver, popen_spawn_posix, reduction, spawn
+    from multiprocessing import util as _util
+    from multiprocessing.context import set_spawning_popen
+
+    util: Any = _util  # typeshed lacks some of its helpers
+
+    class _ForkServerPopen(popen_forkserver.Popen):
+        def _launch(self: Any, process_obj: Any) -> None:
+            prep_data = _preparation_data(process_obj._name)
+            buf = io.BytesIO()
+            set_spawning_popen(self)
+            try:
+                reduction.dump(prep_data, buf)
+                reduction.dump(process_obj, buf)
+            finally:
+                set_spawning_popen(None)
+            self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+            # a duplicate of the data pipe's write end is the parent's sentinel in the child
+            _parent_w = os.dup(w)
+            self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+            with open(w, "wb", closefd=True) as f:
+                f.write(buf.getbuffer())
+            self.pid = forkserver.read_signed(self.sentinel)
+
+    class _SpawnPopen(popen_spawn_posix.Popen):
+        def _launch(self: Any, process_obj: Any) -> None:
+            from multiprocessing import resource_tracker
+
+            tracker_fd = resource_tracker.getfd()
+            self._fds.append(tracker_fd)
+            prep_data = _preparation_data(process_obj._name)
+            fp = io.BytesIO()
+            set_spawning_popen(self)
+            try:
+                reduction.dump(prep_data, fp)
+                reduction.dump(process_obj, fp)
+            finally:
+                set_spawning_popen(None)
+            parent_r = child_w = child_r = parent_w = None
+            try:
+                parent_r, child_w = os.pipe()
+                child_r, parent_w = os.pipe()
+                cmd = spawn.get_command_line(tracker_fd=tracker_fd, pipe_handle=child_r)
+                self._fds.extend([child_r, child_w])
+                self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
+                self.sentinel = parent_r
+                with open(parent_w, "wb", closefd=False) as f:
+                    f.write(fp.getbuffer())
+            finally:
+                fds_to_close = [fd for fd in (parent_r, parent_w) if fd is not None]
+                self.finalizer = util.Finalize(self, util.close_fds, fds_to_close)
+                for fd in (child_r, child_w):
+                    if fd is not None:
+                        os.close(fd)
+
+    class _ForkServerProcess(multiprocessing.context.ForkServerProcess):
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:
+            return _ForkServerPopen(process_obj)
+
+    class _SpawnProcess(multiprocessing.context.SpawnProcess):
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:
+            return _SpawnPopen(process_obj)
+
+    class _ForkServerContext(multiprocessing.context.ForkServerContext):
+        Process = _ForkServerProcess
+
+    class _SpawnContext(multiprocessing.context.SpawnContext):
+        Process = _SpawnProcess
+
+    if all(
+        callable(getattr(module, name, None))
+        for module, name in [
+            (forkserver, "connect_to_new_process"),
+            (forkserver, "read_signed"),
+            (spawn, "get_preparation_data"),
+            (spawn, "get_command_line"),
+            (util, "spawnv_passfds"),
+        ]
+    ):
+        _contexts = {"forkserver": _ForkServerContext, "spawn": _SpawnContext}
+except (ImportError, AttributeError):  # Windows, or internals unlike CPython's 3.11-3.13
+    pass
+
+
+def process_context(method: str, *, import_main: bool) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context of a pipeflow process pool.
+
+    Args:
+        method: The start method (`forkserver`, `spawn`, `fork`).
+        import_main: Whether new processes import the parent's main module, as
+            `multiprocessing` makes them do (`fork` copies it, whatever this says).
+
+    Returns:
+        The context; the stock one where leaving the main module out is not supported.
+    """
+    context = multiprocessing.get_context(method)
+    without_main = _contexts.get(method)
+    if import_main or without_main is None:
+        return context
+    return without_main()
