@@ -129,3 +129,30 @@ def burn_briefly(n: int) -> dict[str, int]:
     while time.perf_counter() < deadline:
         pass
     return {"n": n, "square": n * n}
+
+
+class BurnWhileTheHostTicks:
+    """Burns CPU until the host's heartbeat, which writes its tick count to `path`, has
+    ticked twice; gives up with an error if the host's loop stays silent for `patience` s."""
+
+    def __init__(self, path: str, patience: float = 10.0) -> None:
+        self.path = path
+        self.patience = patience
+
+    def ticks(self) -> int:
+        try:
+            with open(self.path) as file:
+                return int(file.read() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def __call__(self, n: int) -> int:
+        first = self.ticks()
+        give_up = time.monotonic() + self.patience
+        while self.ticks() < first + 2:
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"the host's loop did not tick while item {n} ran")
+            deadline = time.perf_counter() + 0.001
+            while time.perf_counter() < deadline:
+                pass
+        return n
