@@ -160,7 +160,7 @@ class BurnWhileTheHostTicks:
 
 # --- stage functions of the property tests: each logs every call it receives ---
 
-SLOW_S = 2.5  # how long a "slow" item runs: well past the property tests' timeouts
+SLOW_S = 3.0  # how long a "slow" item runs: well past the property tests' timeouts
 
 
 def key_of(item: Any) -> int:

@@ -88,7 +88,7 @@ async def test_the_host_loop_stays_responsive_during_a_cpu_heavy_stage(tmp_path:
     assert max(loop_cpu) < 0.05, f"the loop worked {max(loop_cpu) * 1000:.0f} ms between ticks"
 
 
-@pytest.mark.timeout(30)  # a pool that waits for the hung call never lets the block exit
+@pytest.mark.timeout(60)  # a pool that waits for the hung call never lets the block exit
 async def test_leaving_a_stream_early_cancels_and_leaves_no_process() -> None:
     source_closed = threading.Event()
 
@@ -114,20 +114,24 @@ async def test_leaving_a_stream_early_cancels_and_leaves_no_process() -> None:
     assert not worker_processes()
 
 
-async def test_cancelling_a_run_stops_within_a_second_and_leaves_no_process() -> None:
+@pytest.mark.timeout(60)  # a pool that waits for the hung call never lets the run end
+async def test_cancelling_a_run_stops_at_once_and_leaves_no_process() -> None:
     started = anyio.Event()
 
     def progress(report: pipeflow.RunReport) -> None:
         if report.stages[0].items_out > 0:
             started.set()
 
-    pipeline = Pipeline([Stage(fns.burn, kind="process", workers=2, batch=1)])
+    # item 5 hangs in its worker: only killing the pool ends the cancelled run
+    pipeline = Pipeline([Stage(fns.hang_on_5, kind="process", workers=2, batch=1)])
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: pipeline.run(range(10_000), progress=progress))
         await started.wait()
-        cancelled_at = time.perf_counter()
+        workers = worker_processes()
         tg.cancel_scope.cancel()
-    assert time.perf_counter() - cancelled_at < 1
+    assert len(workers) == 2
+    for worker in workers:
+        assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, worker
     assert not worker_processes()
 
 

@@ -36,7 +36,11 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-settings.register_profile("thorough", settings.get_profile("ci"), max_examples=3000)
+settings.register_profile(
+    "thorough",
+    settings.get_profile("ci"),
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "3000")),
+)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 
 # The cases the engine gets wrong today; each has an issue-12 fix under way. A case named
@@ -62,7 +66,7 @@ CASES = {
 _CHECK = os.environ.get("PIPEFLOW_KNOWN_ENGINE_BUGS", "")
 ENABLED = CASES if _CHECK == "check" else CASES - KNOWN_ENGINE_BUGS | set(_CHECK.split(","))
 
-TIMEOUT_S = 0.5  # far above what an instant item takes, far below fns.SLOW_S
+TIMEOUT_S = 1.0  # far above what an instant item takes, far below fns.SLOW_S
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,15 @@ class Spec:
 
 PLACES = ["async", "thread", "thread", "process", "shared_thread", "shared_process"]
 PLACES += ["lent_thread", "lent_process"]
-KEYS = st.frozensets(st.integers(0, 200), max_size=6)
+# a few failing items, or many (every k-th): many dead letters queued when a run fails
+KEYS = st.one_of(
+    st.frozensets(st.integers(0, 200), max_size=6),
+    st.builds(
+        lambda step, first: frozenset(range(first, 201, step)),
+        st.integers(2, 6),
+        st.integers(0, 5),
+    ),
+)
 FEW_KEYS = st.frozensets(st.integers(0, 200), max_size=2)
 
 
@@ -252,19 +264,27 @@ def test_random_pipelines_account_for_every_item_and_keep_order(
         except PipelineError as caught:
             error = caught
             report = caught.report  # type: ignore[attr-defined]
+        except Exception as unexpected:
+            unexpected.add_note(f"pipeline: {specs!r}, count={count}, payload={payload}")
+            raise
         calls = [fns.read_log(log) for log in logs]
         got = [fns.key_of(item) for item in sink.items]
         records = [(r["stage"], r["index"], r["error"]) for r in dead.items]
 
-        check_lent_pools_still_work(lent_pools)
-        if failing_stage is None:
-            assert error is None, f"the run failed: {error}"
-            check_a_complete_run(specs, count, reaching, passing, report, got, records, calls)
-            assert yielded[0] == count
-        else:
-            assert error is not None, "a stage with on_error: fail met a failing item"
-            check_a_failed_run(specs, reaching, passing, report, got, records, calls, error)
-            assert report.items_read <= yielded[0] <= count
+        try:
+            check_lent_pools_still_work(lent_pools)
+            if failing_stage is None:
+                assert error is None, f"the run failed: {error}"
+                check_a_complete_run(specs, count, reaching, passing, report, got, records, calls)
+                assert yielded[0] == count
+            else:
+                assert error is not None, "a stage with on_error: fail met a failing item"
+                check_a_failed_run(specs, reaching, passing, report, got, records, calls, error)
+                assert report.items_read <= yielded[0] <= count
+        except AssertionError as failure:
+            # a flaky failure (timeouts) is reported without its example: name it here
+            failure.add_note(f"pipeline: {specs!r}, count={count}, payload={payload}")
+            raise
 
 
 def check_a_complete_run(
@@ -359,7 +379,8 @@ def check_calls(
     done = Counter(k for event, ks in events if event == "done" for k in ks)
     assert set(started) == set(keys), f"{name}: the function saw other items than reached it"
     if not pool_killed:
-        twice = sorted(k for k, n in done.items() if n > 1)
+        # an item whose result cannot be pickled may run again alone, to be told apart
+        twice = sorted(k for k, n in done.items() if n > 1 and k not in spec.unpicklable)
         assert not twice, f"{name}: items {twice[:5]} completed more than once"
     # the first stage takes batches of `batch` items from the source, split between the
     # workers when nothing else waits: a timeout must not change what the function receives
