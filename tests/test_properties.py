@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fns
@@ -119,6 +119,56 @@ KEYS = st.one_of(
 FEW_KEYS = st.frozensets(st.integers(0, 200), max_size=2)
 
 
+def spec(place: str, **fields: Any) -> Spec:
+    """A stage of a hand-written example: a thread-pool-like default, `fields` changed."""
+    defaults: dict[str, Any] = {
+        "op": "map",
+        "workers": 1,
+        "batch": "auto",
+        "ordered": False,
+        "queue_size": 4,
+        "on_error": "skip",
+        "timeout": None,
+        "bad": frozenset(),
+        "slow": frozenset(),
+        "unpicklable": frozenset(),
+    }
+    return Spec(place=place, **{**defaults, **fields})
+
+
+# A pipeline per known engine bug that shows it (drawn examples find them too, less often).
+REPRODUCTIONS: dict[str, tuple[list[Spec], int]] = {
+    "process_timeouts": (
+        [spec("process", workers=3, batch=1, timeout=TIMEOUT_S, slow=frozenset({5}))],
+        200,
+    ),
+    "thread_timeouts": (
+        [spec("lent_thread", timeout=TIMEOUT_S, slow=frozenset({0, 1, 2}))],
+        20,
+    ),
+    "lent_process_timeouts": (
+        [spec("lent_process", timeout=TIMEOUT_S, slow=frozenset({0, 1}))],
+        3,
+    ),
+    "unpicklable_results": ([spec("process", unpicklable=frozenset({3}))], 5),
+    "map_batch_timeouts": ([spec("thread", op="map_batch", batch=2, timeout=TIMEOUT_S)], 8),
+    "dead_letters_on_failure": (
+        [
+            spec("thread", on_error="dead_letter", bad=frozenset(range(0, 200, 2))),
+            spec("thread", on_error="fail", bad=frozenset({151})),
+        ],
+        200,
+    ),
+}
+
+
+def with_reproductions(test: Any) -> Any:
+    for case, (specs, count) in REPRODUCTIONS.items():
+        if case in ENABLED:
+            test = example(specs=specs, count=count, payload=0)(test)
+    return test
+
+
 @st.composite
 def stage_specs(draw: st.DrawFn) -> Spec:
     place = draw(st.sampled_from(PLACES))
@@ -153,6 +203,15 @@ def stage_specs(draw: st.DrawFn) -> Spec:
             else frozenset()
         ),
     )
+
+
+class SlowListSink(ListSink):
+    """A dead-letter sink that takes a moment per record (a file on a busy disk), so
+    records are still queued for it when a run fails."""
+
+    async def write(self, values: list[Any]) -> None:
+        await anyio.sleep(0.002)
+        await super().write(values)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +257,7 @@ def build(
                 **placement,
             )
         )
-    sink, dead = ListSink(), ListSink()
+    sink, dead = ListSink(), SlowListSink()
     executors = {
         "shared_thread": Pool("thread", workers=3),
         "shared_process": Pool("process", workers=2),
@@ -219,6 +278,7 @@ def check_lent_pools_still_work(lent: dict[str, concurrent.futures.Executor]) ->
 
 
 @settings(settings.get_profile(PROFILE))
+@with_reproductions
 @given(
     specs=st.lists(stage_specs(), min_size=1, max_size=3),
     count=st.integers(0, 200),
