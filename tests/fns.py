@@ -226,6 +226,8 @@ def add_one_with_state_failing_on_30(n: int, state: dict[str, Any]) -> int:
     if n == 30:
         raise ValueError("bad item 30")
     return n + 1
+
+
 class BurnWhileTheHostTicks:
     """Burns CPU until the host's heartbeat, which writes its tick count to `path`, has
     ticked twice; gives up with an error if the host's loop stays silent for `patience` s."""
