@@ -47,14 +47,7 @@ PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 # here is not drawn, so the suite stays green. PIPEFLOW_KNOWN_ENGINE_BUGS=check draws them
 # all (or name some: =process_timeouts,unpicklable_results); empty this set once the fixes
 # are merged.
-KNOWN_ENGINE_BUGS: set[str] = {
-    "process_timeouts",
-    "thread_timeouts",
-    "lent_process_timeouts",
-    "unpicklable_results",
-    "map_batch_timeouts",
-    "dead_letters_on_failure",
-}
+KNOWN_ENGINE_BUGS: set[str] = set()
 CASES = {
     "process_timeouts",  # a slow item timing out in an own or shared process pool
     "thread_timeouts",  # a slow item timing out in a thread pool (own, shared or lent)

@@ -72,6 +72,17 @@ def pool_processes(executor: Any) -> dict[int, Any]:
     return processes if isinstance(processes, dict) else {}
 
 
+def close_result_writer(executor: Any) -> None:
+    """Close the parent's own write end of a process pool's result pipe (the parent never
+    writes to it). Once every worker is dead, a read of half a result then ends at
+    end-of-file instead of waiting forever; a pool without that pipe is left as it is."""
+    queue = getattr(executor, "_result_queue", None)
+    writer = getattr(queue, "_writer", None)
+    close = getattr(writer, "close", None)
+    if callable(close):
+        close()
+
+
 def pool_threads(executor: Any) -> list[threading.Thread]:
     """A thread pool's worker threads; an empty list when the pool does not say."""
     threads = getattr(executor, "_threads", None)

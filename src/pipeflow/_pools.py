@@ -34,12 +34,21 @@ from . import _compat, _dask, _worker
 from ._errors import CrashLoop, PoolStartError
 from ._stage import Pool
 
-__all__ = ["CallGate", "CrashLoop", "PoolHandle", "PoolStartError", "default_start_method"]
+__all__ = [
+    "CallGate",
+    "CallSlot",
+    "CrashLoop",
+    "PoolHandle",
+    "PoolStartError",
+    "default_start_method",
+]
 
 # Replacing a broken pool more often than this in one run is a crash loop, not bad luck.
 MAX_REBUILDS = 32
 # How long a failed run waits for the calls still running in its own thread pools.
 THREAD_GRACE_S = 2.0
+# How long a pool's end waits for its SIGKILLed workers to be gone.
+KILL_WAIT_S = 5.0
 
 
 _abandoned_threads = 0
@@ -106,6 +115,42 @@ class CallGate:
         finally:
             self._alone = False
             self._notify()
+
+
+class CallSlot:
+    """One of a pool's call slots (see `PoolHandle.bound_calls`), held for one call.
+
+    The slot is given back when the caller leaves it, or, after `hold_until_done`, when
+    the call itself ends: a timed-out call that pipeflow can neither kill nor replace
+    with a new thread keeps its worker busy, so it keeps its slot too.
+    """
+
+    def __init__(self, slots: asyncio.Semaphore | None) -> None:
+        self._slots = slots
+        self._handed_off = False
+
+    async def __aenter__(self) -> CallSlot:
+        if self._slots is not None:
+            await self._slots.acquire()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._slots is not None and not self._handed_off:
+            self._slots.release()
+
+    def hold_until_done(self, call: concurrent.futures.Future[Any]) -> None:
+        """Keep the slot until `call` ends, not only until its caller stops waiting."""
+        slots = self._slots
+        if slots is None or call.done():
+            return
+        self._handed_off = True
+        loop = asyncio.get_running_loop()
+
+        def release(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the run's loop has closed since
+                loop.call_soon_threadsafe(slots.release)
+
+        call.add_done_callback(release)
 
 
 def default_start_method() -> str:
@@ -200,9 +245,9 @@ class PoolHandle:
         if self.slots is None:
             self.slots = asyncio.Semaphore(self.workers)
 
-    def call_slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
+    def call_slot(self) -> CallSlot:
         """Hold one of the pool's call slots, if its calls are bounded."""
-        return self.slots if self.slots is not None else contextlib.nullcontext()
+        return CallSlot(self.slots)
 
     @property
     def replacing(self) -> bool:
@@ -358,10 +403,19 @@ class PoolHandle:
         if kill and isinstance(executor, _dask.DaskExecutor):
             executor.kill_workers()
         if kill and self.kind == "process":
-            processes = _compat.pool_processes(executor)
-            for process in list(processes.values()):
+            processes = list(_compat.pool_processes(executor).values())
+            for process in processes:
                 with contextlib.suppress(ProcessLookupError, TypeError):
                     os.kill(process.pid, signal.SIGKILL)
+            # A worker killed while it wrote a result leaves half of it in the result
+            # pipe, and the pool's manager thread would wait for the rest forever (and
+            # the interpreter's exit with it): once the workers are dead, closing the
+            # parent's write end turns that wait into end-of-file.
+            deadline = time.monotonic() + KILL_WAIT_S
+            for process in processes:
+                with contextlib.suppress(AssertionError, ValueError):  # not started, closed
+                    process.join(max(0.0, deadline - time.monotonic()))
+            _compat.close_result_writer(executor)
         executor.shutdown(wait=True, cancel_futures=True)
 
 

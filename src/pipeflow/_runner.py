@@ -866,7 +866,10 @@ class StageRun:
             executor = pool.executor
             assert executor is not None
             gate = pool.gate.alone() if alone else pool.gate.shared()
-            async with gate if pool.can_rebuild else contextlib.nullcontext(), pool.call_slot():
+            async with (
+                gate if pool.can_rebuild else contextlib.nullcontext(),
+                pool.call_slot() as slot,
+            ):
                 # with a slot a worker is free: the item's clock starts now
                 try:
                     submitted = executor.submit(_worker.run_chunk, self.call, values)
@@ -932,6 +935,10 @@ class StageRun:
                         hint="a thread cannot be killed: it runs on until its call returns; "
                         "one more thread keeps the stage's capacity",
                     )
+                else:
+                    # a lent pool's worker stays busy with the call: so does its slot, so
+                    # that no other item's clock runs while it waits behind this call
+                    slot.hold_until_done(submitted)
                 timeout = self.stage.timeout
                 assert timeout is not None and deadline_s is not None
                 if self.stage.op == "map_batch":

@@ -206,6 +206,12 @@ def mark_process_worker() -> None:
     _in_process_worker = True
 
 
+def _in_child_process() -> bool:
+    import multiprocessing
+
+    return multiprocessing.parent_process() is not None
+
+
 def _load(obj: Any) -> Any:
     return cloudpickle.loads(obj) if isinstance(obj, bytes) else obj
 
@@ -438,6 +444,10 @@ class Collector:
 def run_chunk(call: StageCall, values: list[Any]) -> ChunkResult:
     """Apply the stage's callable to every value of a chunk, keeping each item's outcome."""
     started = time.perf_counter()
+    if not _in_process_worker and isinstance(call.fn, bytes) and _in_child_process():
+        # a worker of a process pool the app lent: it never ran pipeflow's initializer,
+        # but its results and errors must travel back the same way
+        mark_process_worker()
     fn, state, has_state = _stage_fn(call)
     if has_state:
         fn = _with_state(fn, state)
