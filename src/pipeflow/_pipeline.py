@@ -165,7 +165,8 @@ class Pipeline:
 
         Raises:
             PipelineError: An item failed a stage whose `on_error` is `fail`, or the source
-                or the sink raised. The report is attached as its `report` attribute.
+                or the sink raised. Any `PipeflowError` a run raises carries the run's
+                report as its `report` attribute.
             PipeflowError: Awaited without a running asyncio event loop (under trio).
         """
         _require_asyncio()
@@ -174,8 +175,8 @@ class Pipeline:
             runner_ready(runner)
         try:
             return await runner.run()
-        except Exception as exc:
-            exc.report = runner.report  # type: ignore[attr-defined]
+        except PipeflowError as exc:
+            exc.report = runner.report
             raise
 
     def run_sync(self, source: Any = None, **kwargs: Any) -> RunReport:
