@@ -5,8 +5,8 @@ queues, and writes results to a sink. Each stage runs on the event loop (`async`
 thread pool (`thread`), in a process pool (`process`), or in any executor you pass.
 """
 
-import ast
 import importlib
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -50,16 +50,19 @@ if TYPE_CHECKING:
 
 
 def _read_exports() -> dict[str, str]:
-    """Each public name and the module it comes from, read from the block above."""
+    """Each public name and the module it comes from, read from the block above.
+
+    Read with a pattern, not `ast`: an import may happen in any thread, and CPython 3.11's
+    parser is not safe to run in two threads at once.
+    """
     with open(__file__, encoding="utf-8") as file:
-        tree = ast.parse(file.read())
+        source = file.read()
+    block = source.split("if TYPE_CHECKING:\n", 1)[1].split("\n\n", 1)[0]
     exports: dict[str, str] = {}
-    for node in tree.body:
-        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
-            for line in node.body:
-                assert isinstance(line, ast.ImportFrom), "only imports in the export block"
-                for alias in line.names:
-                    exports[alias.asname or alias.name] = "." * line.level + (line.module or "")
+    for line in block.splitlines():
+        match = re.fullmatch(r"    from (\.\w+) import (\w+) as \2", line)
+        assert match is not None, f"not an export: {line!r}"
+        exports[match[2]] = match[1]
     return exports
 
 

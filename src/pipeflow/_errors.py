@@ -40,6 +40,7 @@ __all__ = [
     "RemoteTraceback",
     "SourceFormatError",
     "WorkerCrashed",
+    "did_you_mean",
     "short_repr",
 ]
 
@@ -57,6 +58,14 @@ def short_repr(value: Any) -> str:
         return _repr.repr(value)
     except Exception:  # a broken __repr__ must not hide the real error
         return f"<{type(value).__name__} object>"
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    """`, did you mean 'x'?` for the closest of `choices`, or an empty string."""
+    import difflib  # only a wrong name needs it; a process worker imports this module
+
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f", did you mean {close[0]!r}?" if close else ""
 
 
 class PipeflowError(Exception):

@@ -13,9 +13,9 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import ConfigError, PipeflowError, Problem
-from ._imports import did_you_mean
-from ._pools import PoolHandle
+from ._errors import ConfigError, PipeflowError, Problem, did_you_mean
+from ._plan import ErrorBudget, PlannedStage, RunPlan
+from ._pools import PoolHandle, pool_for
 from ._report import RunReport
 from ._runner import Runner, unwrap_group
 from ._sinks import ListSink, NullSink, Sink
@@ -110,28 +110,18 @@ class Pipeline:
         if problems:
             raise ConfigError(sorted(problems, key=lambda p: p.index or 0))
 
-    def pool_for(self, stage: Stage, pools: dict[str, PoolHandle]) -> PoolHandle | None:
-        """The pool `stage` runs in for one run, made once per name in `pools`."""
-        executor = stage.executor
-        if isinstance(executor, str):
-            key = f"executor:{executor}"
-            if key not in pools:
-                declared = self.executors[executor]
-                if isinstance(declared, Pool):
-                    pools[key] = PoolHandle(executor, spec=declared)
-                else:
-                    pools[key] = PoolHandle(executor, executor=declared)
-            return pools[key]
-        if executor is not None:
-            key = f"lent:{id(executor)}"
-            pools.setdefault(key, PoolHandle(stage.name or "stage", executor=executor))
-            return pools[key]
-        if stage.kind == "async" or stage.kind is None:
-            return None
-        key = f"stage:{stage.name}"
-        spec = Pool(stage.kind, stage.workers, start_method=stage.start_method)
-        pools[key] = PoolHandle(stage.name or "stage", spec=spec)
-        return pools[key]
+    def plan(self) -> RunPlan:
+        """What one run executes: the stages with pools of their own for that run."""
+        pools: dict[str, PoolHandle] = {}
+        stages = [PlannedStage(s, pool_for(s, self.executors, pools)) for s in self.stages]
+        return RunPlan(
+            name=self.name,
+            stages=stages,
+            pools=pools,
+            budget=ErrorBudget(self.max_errors, self.max_error_rate),
+            sink_queue_size=self.sink_queue_size,
+            dead_letter=self.dead_letter,
+        )
 
     def _source(self, source: Any) -> Any:
         chosen = self.source if source is None else source
@@ -170,7 +160,7 @@ class Pipeline:
             PipeflowError: Awaited without a running asyncio event loop (under trio).
         """
         _require_asyncio()
-        runner = Runner(self, self._source(source), self.sink or NullSink(), progress)
+        runner = Runner(self.plan(), self._source(source), self.sink or NullSink(), progress)
         if runner_ready is not None:
             runner_ready(runner)
         try:
@@ -197,7 +187,7 @@ class Pipeline:
         """Run the pipeline and return its results as a list (for small runs and tests)."""
         _require_asyncio()
         sink = ListSink()
-        runner = Runner(self, self._source(source), sink)
+        runner = Runner(self.plan(), self._source(source), sink)
         await runner.run()
         return sink.items
 
@@ -213,7 +203,7 @@ class Pipeline:
         """
         _require_asyncio()
         send, recv = anyio.create_memory_object_stream[list[Any]](2)
-        runner = Runner(self, self._source(source), _ChannelSink(send))
+        runner = Runner(self.plan(), self._source(source), _ChannelSink(send))
         results = _Results(recv)
         error: BaseException | None = None
         try:
@@ -233,10 +223,8 @@ class Pipeline:
 
     def describe(self) -> list[dict[str, Any]]:
         """Each stage's name, kind, workers, op and queue bound, as a graph would show them."""
-        pools: dict[str, PoolHandle] = {}
         rows = []
-        for stage in self.stages:
-            pool = self.pool_for(stage, pools)
+        for stage, pool in self.plan().stages:
             rows.append(
                 {
                     "name": stage.name,
