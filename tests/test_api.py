@@ -30,6 +30,7 @@ PUBLIC = {
     "Pool",
     "RemoteTraceback",
     "Retry",
+    "RunControl",
     "RunReport",
     "Sink",
     "SourceFormatError",

@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from ._config import load as load
     from ._config import schema as schema
+    from ._control import RunControl as RunControl
     from ._errors import ConfigError as ConfigError
     from ._errors import CrashLoop as CrashLoop
     from ._errors import ErrorBudgetExceeded as ErrorBudgetExceeded

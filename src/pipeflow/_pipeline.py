@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._control import RunControl
 from ._errors import ConfigError, PipeflowError, Problem, did_you_mean
 from ._plan import ErrorBudget, PlannedStage, RunPlan
 from ._pools import PoolHandle, pool_for
@@ -140,18 +141,19 @@ class Pipeline:
         source: Any = None,
         *,
         progress: Callable[[RunReport], Any] | None = None,
-        runner_ready: Callable[[Runner], Any] | None = None,
+        control: RunControl | None = None,
     ) -> RunReport:
         """Run the pipeline to the end of its source and return what it did.
 
         Args:
             source: Overrides the pipeline's source for this run.
             progress: Called on the event loop with the live report about 5 times a second.
-            runner_ready: Called with the run's `Runner` before it starts (to request a
-                graceful stop from a signal handler, for instance).
+            control: A `RunControl` through which the app stops the run gracefully (the
+                first `stop()` drains, a second cancels) and watches it.
 
         Returns:
-            The run's report.
+            The run's report: status `ok`, `interrupted` after a `stop()`, or
+            `cancelled` after a second one.
 
         Raises:
             PipelineError: An item failed a stage whose `on_error` is `fail`, or the source
@@ -160,11 +162,10 @@ class Pipeline:
             PipeflowError: Awaited without a running asyncio event loop (under trio).
         """
         _require_asyncio()
+        control = RunControl() if control is None else control
         runner = Runner(self.plan(), self._source(source), self.sink or NullSink(), progress)
-        if runner_ready is not None:
-            runner_ready(runner)
         try:
-            return await runner.run()
+            return await control._run(runner)
         except PipeflowError as exc:
             exc.report = runner.report
             raise
@@ -192,11 +193,18 @@ class Pipeline:
         return sink.items
 
     @asynccontextmanager
-    async def stream(self, source: Any = None) -> AsyncIterator[AsyncIterator[Any]]:
+    async def stream(
+        self, source: Any = None, *, control: RunControl | None = None
+    ) -> AsyncIterator[AsyncIterator[Any]]:
         """Run the pipeline in the background and iterate over its results.
 
         Leaving the block early (a `break`, an exception) cancels the run and shuts its
         pools down before the block is left.
+
+        Args:
+            source: Overrides the pipeline's source for this run.
+            control: A `RunControl`, as for `run()`: after its first `stop()` the results
+                end once every item taken from the source has come out.
 
         Raises:
             PipelineError: As `run()`.
@@ -204,11 +212,12 @@ class Pipeline:
         _require_asyncio()
         send, recv = anyio.create_memory_object_stream[list[Any]](2)
         runner = Runner(self.plan(), self._source(source), _ChannelSink(send))
+        control = RunControl() if control is None else control
         results = _Results(recv)
         error: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(runner.run)
+                tg.start_soon(control._run, runner)
                 try:
                     yield results
                 finally:

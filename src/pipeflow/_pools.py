@@ -47,15 +47,6 @@ __all__ = [
 MAX_REBUILDS = 32
 
 
-_abandoned_threads = 0
-
-
-def abandoned_threads() -> int:
-    """How many threads this process gave up on after a timeout; they may never return,
-    so a command-line run ends its process without waiting for them."""
-    return _abandoned_threads
-
-
 class CallGate:
     """Calls share the pool, except a call that must run alone: it waits for the others
     to finish, and new calls wait for it.
@@ -343,8 +334,6 @@ class PoolHandle:
             return False
         _compat.add_thread(executor)
         self.abandoned += 1
-        global _abandoned_threads
-        _abandoned_threads += 1
         return True
 
     def _end(self, executor: concurrent.futures.Executor | None, *, kill: bool) -> None:

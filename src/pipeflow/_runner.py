@@ -1429,13 +1429,15 @@ class Runner:
         # unbuffered: an item the puller holds is either delivered or never taken from
         # the source (a stopping run drains the puller's pending send below)
         items_send, items_recv = anyio.create_memory_object_stream[Any](0)
+        pulling = anyio.CancelScope()
 
         async def pull() -> None:
             iterator = aiter(source)
             try:
-                async with items_send:
-                    async for value in iterator:
-                        await items_send.send(value)
+                with pulling:
+                    async with items_send:
+                        async for value in iterator:
+                            await items_send.send(value)
             finally:
                 aclose = getattr(iterator, "aclose", None)
                 if aclose is not None:
@@ -1475,6 +1477,9 @@ class Runner:
                 if self._stop.is_set():
                     with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
                         values.append(items_recv.receive_nowait())
+                    # before the delivery below lets the puller run: it would take
+                    # one more item from the source, which no one would deliver
+                    pulling.cancel()
                     ended = True
                 await self._deliver(send, values)
                 size = min(size * 2, self._max_source_batch())
