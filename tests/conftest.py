@@ -12,18 +12,30 @@ import pytest
 _HELPERS = ("forkserver", "resource_tracker")
 
 
+def _is_helper(process: psutil.Process, cmdline: str) -> bool:
+    # A forkserver's workers inherit its command line: a helper is only the process the
+    # test process (or one of its non-helper children) started itself.
+    if not any(helper in cmdline for helper in _HELPERS):
+        return False
+    try:
+        parent = process.parent()
+        parent_cmdline = " ".join(parent.cmdline()) if parent is not None else ""
+    except psutil.NoSuchProcess:
+        return True
+    return not any(helper in parent_cmdline for helper in _HELPERS)
+
+
 def worker_processes() -> list[psutil.Process]:
     """This process's children other than multiprocessing's long-lived helpers."""
     children = []
     for child in psutil.Process().children(recursive=True):
         try:
             cmdline = " ".join(child.cmdline())
-            if child.status() == psutil.STATUS_ZOMBIE:
+            if child.status() == psutil.STATUS_ZOMBIE or _is_helper(child, cmdline):
                 continue
         except psutil.NoSuchProcess:
             continue
-        if not any(helper in cmdline for helper in _HELPERS):
-            children.append(child)
+        children.append(child)
     return children
 
 

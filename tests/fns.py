@@ -226,3 +226,122 @@ def add_one_with_state_failing_on_30(n: int, state: dict[str, Any]) -> int:
     if n == 30:
         raise ValueError("bad item 30")
     return n + 1
+
+
+class BurnWhileTheHostTicks:
+    """Burns CPU until the host's heartbeat, which writes its tick count to `path`, has
+    ticked twice; gives up with an error if the host's loop stays silent for `patience` s."""
+
+    def __init__(self, path: str, patience: float = 10.0) -> None:
+        self.path = path
+        self.patience = patience
+
+    def ticks(self) -> int:
+        try:
+            with open(self.path) as file:
+                return int(file.read() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def __call__(self, n: int) -> int:
+        first = self.ticks()
+        give_up = time.monotonic() + self.patience
+        while self.ticks() < first + 2:
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"the host's loop did not tick while item {n} ran")
+            deadline = time.perf_counter() + 0.001
+            while time.perf_counter() < deadline:
+                pass
+        return n
+
+
+# --- stage functions of the property tests: each logs every call it receives ---
+
+SLOW_S = 3.0  # how long a "slow" item runs: well past the property tests' timeouts
+
+
+def key_of(item: Any) -> int:
+    """The source position an item of the property tests carries (items may carry bytes)."""
+    return item if isinstance(item, int) else int(item[0])
+
+
+class Recorded:
+    """A map that logs each call to a file (threads and processes alike): `start K` when
+    it receives item K and `done K` when it returns it. Items in `slow` sleep first,
+    items in `bad` raise ValueError, items in `unpicklable` return a result that cannot
+    cross a process boundary."""
+
+    def __init__(
+        self,
+        log: str,
+        bad: frozenset[int] = frozenset(),
+        slow: frozenset[int] = frozenset(),
+        unpicklable: frozenset[int] = frozenset(),
+    ) -> None:
+        self.log = log
+        self.bad = bad
+        self.slow = slow
+        self.unpicklable = unpicklable
+
+    def record(self, event: str, keys: list[int]) -> None:
+        line = f"{event} {' '.join(map(str, keys))}\n".encode()
+        try:
+            fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except OSError:  # an abandoned call that outlives its test's folder
+            return
+        try:
+            os.write(fd, line)  # one write per line: O_APPEND keeps lines whole
+        finally:
+            os.close(fd)
+
+    def outcome(self, item: Any) -> Any:
+        key = key_of(item)
+        if key in self.bad:
+            raise ValueError(f"bad item {key}")
+        self.record("done", [key])
+        if key in self.unpicklable:
+            return (key, threading.Lock())
+        return item
+
+    def __call__(self, item: Any) -> Any:
+        key = key_of(item)
+        self.record("start", [key])
+        if key in self.slow:
+            time.sleep(SLOW_S)
+        return self.outcome(item)
+
+
+class AsyncRecorded(Recorded):
+    async def __call__(self, item: Any) -> Any:  # type: ignore[override]
+        import anyio
+
+        key = key_of(item)
+        self.record("start", [key])
+        await anyio.sleep(SLOW_S if key in self.slow else 0)
+        return self.outcome(item)
+
+
+class BatchRecorded(Recorded):
+    """A map_batch that logs the items of each call it receives."""
+
+    def __call__(self, items: list[Any]) -> list[Any]:  # type: ignore[override]
+        keys = [key_of(item) for item in items]
+        self.record("batch", keys)
+        for key in keys:
+            self.record("start", [key])
+            self.record("done", [key])
+        return list(items)
+
+
+def read_log(path: str) -> list[tuple[str, list[int]]]:
+    """The events a Recorded stage function logged, in order."""
+    try:
+        with open(path) as file:
+            lines = file.read().splitlines()
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in lines:
+        event, *keys = line.split()
+        events.append((event, [int(k) for k in keys]))
+    return events

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -430,18 +430,32 @@ async def test_file_sinks_and_dead_letters_are_written_relative_to_the_app_dir(
 @pytest.mark.anyio
 async def test_csv_null_and_fn_sinks(tmp_path: Path) -> None:
     config_fns.collected.clear()
-    for sink, check in [
-        ("{csv: {path: t.csv, fields: [n]}}", lambda: (tmp_path / "t.csv").read_text().split()),
-        ("{null: }", lambda: None),
-        ("{fn: 'config_fns:collect'}", lambda: list(config_fns.collected)),
-    ]:
+    cases: list[tuple[str, type[pipeflow.Sink], Callable[[], object], object]] = [
+        (
+            "{csv: {path: t.csv, fields: [n]}}",
+            pipeflow.CsvSink,
+            lambda: (tmp_path / "t.csv").read_text().split(),
+            ["n", "1", "4"],
+        ),
+        (
+            "{null: }",
+            pipeflow.NullSink,
+            lambda: sorted(tmp_path.iterdir()),
+            [tmp_path / "config.yaml"],
+        ),
+        ("{fn: 'config_fns:collect'}", pipeflow.CallableSink, config_fns.collected.copy, [1, 4]),
+    ]
+    for sink, sink_type, written, expected in cases:
         path = write(
             tmp_path,
             f"source: {{items: [1, 2]}}\nstages: [{{fn: 'config_fns:square'}}]\nsink: {sink}\n",
         )
-        report = await pipeflow.load(path, app_dir=tmp_path).run()
+        (tmp_path / "t.csv").unlink(missing_ok=True)
+        pipeline = pipeflow.load(path, app_dir=tmp_path)
+        assert type(pipeline.sink) is sink_type, sink
+        report = await pipeline.run()
         assert report.items_written == 2
-        assert check() in (["n", "1", "4"], None, [1, 4])
+        assert written() == expected, sink
 
 
 def test_schema_describes_the_config_for_editors() -> None:

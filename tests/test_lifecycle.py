@@ -116,7 +116,8 @@ def _counted_stage(
 ) -> Stage:
     return Stage(
         fns.add_one_with_state,
-        kind=kind,  # type: ignore[arg-type]
+        # a stage on a given pool takes its kind from that pool
+        kind=None if executor is not None else kind,  # type: ignore[arg-type]
         workers=3,
         batch=1,
         executor=executor,

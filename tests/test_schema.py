@@ -28,6 +28,8 @@ BEYOND_A_SCHEMA = {
     "unknown_executor.yaml": "matches names across parts",
     "duplicate_stage.yaml": "matches names across stages",
     "yaml_syntax.yaml": "is not YAML: an editor's YAML parser refuses it",
+    "deep_nesting.yaml": "nests deeper than a YAML reader goes (a limit of the reader)",
+    "unwritable_sinks.yaml": "looks at the file system",
 }
 INLINE_BEYOND_A_SCHEMA = {"no such file": "looks for the source's file"}
 # what a fragment of the docs leaves out, to make it a config of its own

@@ -125,7 +125,7 @@ def wait_for_file(path: Path) -> None:
 
 def start_run(config: str, *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeflow", "run", config, *args],
+        [sys.executable, "-m", "pipeflow", "run", f"cli_configs/{config}", *args],
         cwd=TESTS,
         env=child_env(**env),
         stdout=subprocess.DEVNULL,
@@ -141,7 +141,9 @@ def test_a_signal_while_the_config_loads_exits_with_its_code_and_no_traceback(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
     marker = tmp_path / "importing"
-    with start_run("signal_configs/slow_import.yaml", PIPEFLOW_TEST_MARKER=str(marker)) as process:
+    with start_run(
+        "../signal_configs/slow_import.yaml", PIPEFLOW_TEST_MARKER=str(marker)
+    ) as process:
         wait_for_file(marker)  # load() is importing the stage's module
         os.killpg(process.pid, signum)
         _, errors = process.communicate(timeout=20)

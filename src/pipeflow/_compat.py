@@ -72,6 +72,12 @@ def pool_processes(executor: Any) -> dict[int, Any]:
     return processes if isinstance(processes, dict) else {}
 
 
+def pool_threads(executor: Any) -> list[threading.Thread]:
+    """A thread pool's worker threads; an empty list when the pool does not say."""
+    threads = getattr(executor, "_threads", None)
+    return [t for t in threads if isinstance(t, threading.Thread)] if threads else []
+
+
 # --- the parent's main module in process workers ---
 
 

@@ -45,6 +45,8 @@ __all__ = [
 
 # Replacing a broken pool more often than this in one run is a crash loop, not bad luck.
 MAX_REBUILDS = 32
+# How long a failed run waits for the calls still running in its own thread pools.
+THREAD_GRACE_S = 2.0
 
 
 class CallGate:
@@ -340,8 +342,14 @@ class PoolHandle:
         if executor is None:
             return
         if self.kind == "thread" and (kill or self.abandoned):
-            # threads cannot be killed: don't wait for calls that may never return
+            # threads cannot be killed: don't wait for calls that may never return, but
+            # give the calls of a failed run a moment to end (and their thread to tear
+            # its stage down) before the run returns
             executor.shutdown(wait=False, cancel_futures=True)
+            if not self.abandoned:
+                deadline = time.monotonic() + THREAD_GRACE_S
+                for thread in _compat.pool_threads(executor):
+                    thread.join(max(0.0, deadline - time.monotonic()))
             return
         if kill and isinstance(executor, _dask.DaskExecutor):
             executor.kill_workers()

@@ -540,8 +540,12 @@ class StageRun:
             return None
         return pool.executor
 
-    def _release(self, _: object) -> None:
+    def _release(self, call: asyncio.Future[ChunkResult]) -> None:
         self.limiter.release()
+        if not call.cancelled():
+            # a call the emitter never awaits (the run ended first) keeps its error to
+            # itself; the emitter still gets it when it awaits the call
+            call.exception()
 
     async def _fill_slot(self, chunk: Batch, slot: asyncio.Future[Batch]) -> None:
         try:

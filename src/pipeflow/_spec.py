@@ -31,7 +31,19 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
-from ._stage import Kind, OnError, Op, Pool, PoolKind, Retry, Stage, StartMethod
+from ._stage import (
+    MAX_BATCH,
+    MAX_CONCURRENCY,
+    MAX_QUEUE_SIZE,
+    Kind,
+    OnError,
+    Op,
+    Pool,
+    PoolKind,
+    Retry,
+    Stage,
+    StartMethod,
+)
 
 __all__ = [
     "BenchSpec",
@@ -162,7 +174,13 @@ Batch = Annotated[
     Any,
     BeforeValidator(_batch),
     WithJsonSchema(
-        {"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 1}], "default": "auto"}
+        {
+            "anyOf": [
+                {"const": "auto"},
+                {"type": "integer", "minimum": 1, "maximum": MAX_BATCH},
+            ],
+            "default": "auto",
+        }
     ),
 ]
 
@@ -201,11 +219,15 @@ class StageSpec(_Spec):
 
     kind: Kind | None = Field(None, description="default: async for an async def, else thread")
     executor: str | None = Field(None, description="a name from executors: (instead of kind)")
-    workers: PositiveInt = _default(Stage, "workers")
+    workers: PositiveInt = Field(
+        _default(Stage, "workers"), json_schema_extra={"maximum": MAX_CONCURRENCY}
+    )
     op: Op = _default(Stage, "op")
     ordered: bool = _default(Stage, "ordered")
     batch: Batch = _default(Stage, "batch")
-    queue_size: PositiveInt = _default(Stage, "queue_size")
+    queue_size: PositiveInt = Field(
+        _default(Stage, "queue_size"), json_schema_extra={"maximum": MAX_QUEUE_SIZE}
+    )
     timeout: Duration | None = _default(Stage, "timeout")
     retries: Annotated[
         RetrySpec | None,
@@ -237,7 +259,9 @@ class ExecutorSpec(_Spec):
     """One entry of `executors:`, a pool that stages share by name."""
 
     kind: PoolKind
-    workers: PositiveInt = _default(Pool, "workers")
+    workers: PositiveInt = Field(
+        _default(Pool, "workers"), json_schema_extra={"maximum": MAX_CONCURRENCY}
+    )
     start_method: StartMethod | None = None
     max_tasks_per_child: PositiveInt | None = None
     address: str = Field(
@@ -264,7 +288,9 @@ def _not_zero(value: int) -> int:
 class RangeSource(_Spec):
     start: int = 0
     stop: int
-    step: Annotated[int, AfterValidator(_not_zero)] = 1
+    step: Annotated[
+        int, AfterValidator(_not_zero), WithJsonSchema({"type": "integer", "not": {"const": 0}})
+    ] = 1
 
 
 class PathSource(_Spec):
