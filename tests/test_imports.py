@@ -125,7 +125,8 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
 def test_the_cycle_finder_finds_a_cycle() -> None:
     edges = graph()
     edges["pipeflow._runner"] = edges["pipeflow._runner"] | {"pipeflow._pipeline"}
-    assert find_cycle(edges) == ["pipeflow._pipeline", "pipeflow._runner", "pipeflow._pipeline"]
+    cycle = find_cycle(edges) or []
+    assert cycle[0] == cycle[-1] and {"pipeflow._pipeline", "pipeflow._runner"} <= set(cycle)
 
 
 @pytest.mark.parametrize(
