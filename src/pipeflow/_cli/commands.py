@@ -25,18 +25,18 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from . import __version__
-from ._bench import parse_matrix, plan_bench, run_bench
-from ._bench_figures import PointResult
-from ._bench_render import PlotUnavailable, check_plotting, print_bench, write_plot, write_results
-from ._config import load, schema
-from ._console import LiveProgress, log_failure, log_summary, print_failure, print_summary
-from ._control import RunControl
-from ._errors import ConfigError, PipeflowError, PipelineError
-from ._graph import draw
-from ._log import configure_logging, logger
-from ._pipeline import Pipeline
-from ._report import RunReport
+from .. import __version__
+from .._bench.bench import parse_matrix, plan_bench, run_bench
+from .._bench.figures import PointResult
+from .._bench.render import PlotUnavailable, check_plotting, print_bench, write_plot, write_results
+from .._config.config import load, schema
+from .._control import RunControl
+from .._errors import ConfigError, PipeflowError, PipelineError
+from .._log import configure_logging, logger
+from .._pipeline import Pipeline
+from .._report import RunReport
+from .console import LiveProgress, log_failure, log_summary, print_failure, print_summary
+from .graph import draw
 
 __all__ = ["app", "main"]
 

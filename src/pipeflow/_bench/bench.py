@@ -24,7 +24,16 @@ from typing import Any
 import anyio
 import cloudpickle
 
-from ._bench_figures import (
+from .._config.config import load
+from .._config.spec import BenchSpec
+from .._config.yaml import read_yaml
+from .._control import RunControl
+from .._errors import ConfigError, PipelineError
+from .._pipeline import Pipeline
+from .._report import RunReport, StageReport
+from .._sinks import Sink, to_json_line
+from .._stage import Stage
+from .figures import (
     BenchPlan,
     BenchResult,
     PointResult,
@@ -32,15 +41,6 @@ from ._bench_figures import (
     StageFigures,
     short_names,
 )
-from ._config import load
-from ._control import RunControl
-from ._errors import ConfigError, PipelineError
-from ._pipeline import Pipeline
-from ._report import RunReport, StageReport
-from ._sinks import Sink, to_json_line
-from ._spec import BenchSpec
-from ._stage import Stage
-from ._yaml import read_yaml
 
 __all__ = [
     "BenchPlan",
@@ -174,7 +174,7 @@ def run_bench(
     Returns:
         The measurements; `recommendation` is filled by `_bench_advice.recommend`.
     """
-    from ._bench_advice import recommend
+    from .advice import recommend
 
     names = short_names(list(plan.matrix))
     points: list[PointResult] = []

@@ -11,7 +11,7 @@ from typing import Any
 
 import cloudpickle
 
-from ._errors import did_you_mean
+from .._errors import did_you_mean
 
 __all__ = [
     "ImportProblem",
