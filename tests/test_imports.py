@@ -1,12 +1,11 @@
 """The house's one rule of imports: arrows point one way.
 
-(A package's `__init__` runs before any of its modules; that implicit arrow is left out,
-as every import system draws it.)
-
 The modules of `src/pipeflow` are read with `ast` (nothing is imported). Every import
 counts, wherever it stands: at the top, inside a function (a lazy import is still a
 dependency, only a later one), and under `if TYPE_CHECKING:` (a type the engine names
-is a type the engine depends on).
+is a type the engine depends on). Relative imports are resolved against the module's
+package. The implicit arrow from a module to its package's `__init__` (which runs first)
+is left out, as it is from every import graph.
 """
 
 from __future__ import annotations
