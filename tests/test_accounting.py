@@ -136,8 +136,8 @@ class HeldRecords(ListSink):
         await super().write(values)
 
 
-def dead_letter_pipeline(dead: HeldRecords, **options: Any) -> tuple[Pipeline, list[Any]]:
-    """Odd items are dead-lettered; item 100 fails the run; the runner lands in the list."""
+def dead_letter_pipeline(dead: HeldRecords, **options: Any) -> Pipeline:
+    """Odd items are dead-lettered; item 100 fails the run."""
     pipeline = Pipeline(
         [
             Stage(fns.fail_odd, kind="thread", workers=2, batch=8, on_error="dead_letter"),
@@ -148,15 +148,16 @@ def dead_letter_pipeline(dead: HeldRecords, **options: Any) -> tuple[Pipeline, l
         dead_letter=dead,
         **options,
     )
-    return pipeline, []
+    return pipeline
 
 
 def test_a_run_failed_by_another_stage_writes_every_dead_letter_it_counted() -> None:
     dead = HeldRecords()
-    pipeline, runners = dead_letter_pipeline(dead)
-    dead.until = lambda: runners[0].report.stages[1].failed == 1
+    pipeline = dead_letter_pipeline(dead)
+    control = pipeflow.RunControl()
+    dead.until = lambda: control.report is not None and control.report.stages[1].failed == 1
     with pytest.raises(pipeflow.PipelineError, match="item 100 is fatal") as caught:
-        pipeline.run_sync(runner_ready=runners.append)
+        pipeline.run_sync(control=control)
     counted = caught.value.report.stages[0].dead_lettered  # type: ignore[attr-defined]
     assert counted >= 50  # every odd item before 100 at least
     assert sorted(r["index"] for r in dead.items) == list(range(1, 2 * counted, 2))
@@ -164,10 +165,11 @@ def test_a_run_failed_by_another_stage_writes_every_dead_letter_it_counted() -> 
 
 def test_a_run_over_its_error_budget_writes_every_dead_letter_it_counted() -> None:
     dead = HeldRecords()
-    pipeline, runners = dead_letter_pipeline(dead, max_errors=30)
-    dead.until = lambda: runners[0].report.stages[0].dead_lettered > 30
+    pipeline = dead_letter_pipeline(dead, max_errors=30)
+    control = pipeflow.RunControl()
+    dead.until = lambda: control.report is not None and control.report.stages[0].dead_lettered > 30
     with pytest.raises(pipeflow.ErrorBudgetExceeded) as caught:
-        pipeline.run_sync(runner_ready=runners.append)
+        pipeline.run_sync(control=control)
     counted = caught.value.report.stages[0].dead_lettered  # type: ignore[attr-defined]
     assert counted == 31
     assert sorted(r["index"] for r in dead.items) == list(range(1, 62, 2))
@@ -176,7 +178,7 @@ def test_a_run_over_its_error_budget_writes_every_dead_letter_it_counted() -> No
 @pytest.mark.anyio
 async def test_a_cancelled_run_writes_every_dead_letter_it_counted() -> None:
     dead = HeldRecords()
-    runners: list[Any] = []
+    control = pipeflow.RunControl()
     results = 0
 
     async def cancel_after_40(_: Any) -> None:
@@ -193,8 +195,9 @@ async def test_a_cancelled_run_writes_every_dead_letter_it_counted() -> None:
         dead_letter=dead,
     )
     with anyio.CancelScope() as scope:
-        await pipeline.run(runner_ready=runners.append)
-    report = runners[0].report
+        await pipeline.run(control=control)
+    report = control.report
+    assert report is not None
     assert report.status == "cancelled"
     counted = report.stages[0].dead_lettered
     assert counted >= 30

@@ -13,7 +13,7 @@ import pytest
 
 import config_fns
 import pipeflow
-from pipeflow._spec import parse_duration
+from pipeflow._config.spec import parse_duration
 from pipeflow._stage import max_processes
 
 TESTS = Path(__file__).parent

@@ -116,23 +116,20 @@ async def test_fail_names_the_item_with_the_remote_traceback_as_a_process_stage(
 
 async def test_killing_a_dask_worker_mid_run_loses_no_item() -> None:
     total = 3000
-    runners: list[Any] = []
+    control = pipeflow.RunControl()
     killed: list[int] = []
 
     def kill_one_worker(report: pipeflow.RunReport) -> None:
         done = report.stages[0].items_out
         if not killed and 0 < done < total // 2:
-            (pool,) = runners[0].pools.values()
-            pid = pool.pids()[0]
+            pid = control.worker_pids()[0]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
     sink = pipeflow.ListSink()
     pipeline = Pipeline([Stage(fns.slow_identity, kind="dask", workers=2)], sink=sink)
     with anyio.fail_after(45):
-        report = await pipeline.run(
-            range(total), progress=kill_one_worker, runner_ready=runners.append
-        )
+        report = await pipeline.run(range(total), progress=kill_one_worker, control=control)
     assert killed, "the run ended before a worker could be killed"
     assert sink.items == list(range(total))
     stage = report.stages[0]
@@ -263,15 +260,15 @@ def test_bench_compares_process_and_dask_points() -> None:
 async def test_a_local_cluster_with_tls_runs_the_stage_over_tls() -> None:
     pytest.importorskip("cryptography", reason="TLS credentials need the cryptography package")
     addresses: list[str] = []
-    runners: list[Any] = []
+    control = pipeflow.RunControl()
 
     def progress(report: pipeflow.RunReport) -> None:
-        for pool in runners[0].pools.values():
+        for pool in control._runner.pools.values():  # type: ignore[union-attr]
             addresses.append(pool.executor.client.scheduler.address)
 
     pipeline = pipeflow.load(ROOT / "configs" / "squares_dask_tls.yaml", app_dir=ROOT)
     pipeline.sink = pipeflow.ListSink()
-    await pipeline.run(progress=progress, runner_ready=runners.append)
+    await pipeline.run(progress=progress, control=control)
     assert pipeline.sink.items == [n * n for n in range(1, 11)]
     assert addresses and all(address.startswith("tls://") for address in addresses)
     assert not worker_processes()

@@ -142,7 +142,7 @@ def test_a_guarded_script_that_fails_to_import_in_workers_gets_a_clear_error(
     done = _python(tmp_path, "only_main.py")
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("pipeflow._errors.PoolStartError: pool 'square'"), done.stderr
+    assert last.startswith("pipeflow.PoolStartError: pool 'square'"), done.stderr
     assert f"imports the main module {tmp_path / 'only_main.py'}" in last
     assert "this module only runs as a script" in done.stderr  # the worker's own error
 

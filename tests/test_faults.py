@@ -154,11 +154,11 @@ async def test_a_stop_request_finishes_items_in_flight_and_reports_interrupted(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "out.jsonl"
-    runners: list[object] = []
+    control = pipeflow.RunControl()
 
     def progress(report: pipeflow.RunReport) -> None:
-        if report.items_written >= 50 and runners:
-            runners[0].request_stop()  # type: ignore[attr-defined]
+        if report.items_written >= 50 and not control.stopping:
+            control.stop()
 
     def endless():  # type: ignore[no-untyped-def]
         n = 0
@@ -170,7 +170,7 @@ async def test_a_stop_request_finishes_items_in_flight_and_reports_interrupted(
         [Stage(fns.slow_identity, kind="thread", workers=4)], sink=pipeflow.JsonlSink(path)
     )
     with anyio.fail_after(30):
-        report = await pipeline.run(endless(), progress=progress, runner_ready=runners.append)
+        report = await pipeline.run(endless(), progress=progress, control=control)
     assert report.status == "interrupted"
     lines = path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == list(range(len(lines)))
@@ -181,7 +181,7 @@ async def test_a_stop_request_finishes_items_in_flight_and_reports_interrupted(
 
 async def test_a_stop_with_an_async_source_delivers_every_item_taken_from_it() -> None:
     taken = 0
-    runners: list[object] = []
+    control = pipeflow.RunControl()
 
     async def endless():  # type: ignore[no-untyped-def]
         nonlocal taken
@@ -193,8 +193,8 @@ async def test_a_stop_with_an_async_source_delivers_every_item_taken_from_it() -
             n += 1
 
     def progress(report: pipeflow.RunReport) -> None:
-        if report.items_written >= 100 and runners:
-            runners[0].request_stop()  # type: ignore[attr-defined]
+        if report.items_written >= 100 and not control.stopping:
+            control.stop()
 
     async def ident(n: int) -> int:
         return n
@@ -202,6 +202,6 @@ async def test_a_stop_with_an_async_source_delivers_every_item_taken_from_it() -
     sink = pipeflow.ListSink()
     pipeline = Pipeline([Stage(ident, kind="async", workers=4)], sink=sink)
     with anyio.fail_after(30):
-        report = await pipeline.run(endless(), progress=progress, runner_ready=runners.append)
+        report = await pipeline.run(endless(), progress=progress, control=control)
     assert report.status == "interrupted"
     assert sink.items == list(range(taken)), "an item taken from the source was dropped"

@@ -16,7 +16,7 @@ import yaml
 
 import pipeflow
 from pipeflow._cli import app
-from pipeflow._spec import SinkSpec, SourceSpec
+from pipeflow._config.spec import SinkSpec, SourceSpec
 from test_examples import CHECKED
 
 ROOT = Path(__file__).resolve().parent.parent

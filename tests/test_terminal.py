@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 import pipeflow
-from pipeflow._console import LiveProgress, print_summary
+from pipeflow._cli.console import LiveProgress, print_summary
 from pipeflow._report import RunReport, StageReport
 from pipeflow._sources import FileSource, text_lines
 from test_cli import ROOT, child_env, run_on_a_terminal

@@ -6,48 +6,20 @@ thread pool (`thread`), in a process pool (`process`), or in any executor you pa
 """
 
 import importlib
+import re
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Names are imported on first use, so that a process worker, which imports
-# `pipeflow._worker` and with it this package, does not pay for the whole library
-# (pydantic, structlog, anyio) before its first item.
-_EXPORTS = {
-    "load": "._config",
-    "schema": "._config",
-    "ConfigError": "._errors",
-    "CrashLoop": "._errors",
-    "ErrorBudgetExceeded": "._errors",
-    "ItemError": "._errors",
-    "ItemTimeout": "._errors",
-    "PipeflowError": "._errors",
-    "PipelineError": "._errors",
-    "PoolStartError": "._errors",
-    "RemoteTraceback": "._errors",
-    "WorkerCrashed": "._errors",
-    "configure_logging": "._log",
-    "Pipeline": "._pipeline",
-    "RunReport": "._report",
-    "StageReport": "._report",
-    "CallableSink": "._sinks",
-    "CsvSink": "._sinks",
-    "JsonlSink": "._sinks",
-    "ListSink": "._sinks",
-    "NullSink": "._sinks",
-    "Sink": "._sinks",
-    "StdoutSink": "._sinks",
-    "csv_rows": "._sources",
-    "jsonl_records": "._sources",
-    "text_lines": "._sources",
-    "Pool": "._stage",
-    "Retry": "._stage",
-    "Stage": "._stage",
-}
-
+# The public surface, listed once. At run time the names are imported on first use, so
+# that a process worker, which imports `pipeflow._worker` and with it this package, does
+# not pay for the whole library (pydantic, structlog, anyio) before its first item:
+# `__all__` and the map of lazy names are both read from this block.
 if TYPE_CHECKING:
     from ._config import load as load
     from ._config import schema as schema
+    from ._control import RunControl as RunControl
     from ._errors import ConfigError as ConfigError
     from ._errors import CrashLoop as CrashLoop
     from ._errors import ErrorBudgetExceeded as ErrorBudgetExceeded
@@ -57,6 +29,7 @@ if TYPE_CHECKING:
     from ._errors import PipelineError as PipelineError
     from ._errors import PoolStartError as PoolStartError
     from ._errors import RemoteTraceback as RemoteTraceback
+    from ._errors import SourceFormatError as SourceFormatError
     from ._errors import WorkerCrashed as WorkerCrashed
     from ._log import configure_logging as configure_logging
     from ._pipeline import Pipeline as Pipeline
@@ -77,11 +50,44 @@ if TYPE_CHECKING:
     from ._stage import Stage as Stage
 
 
+def _read_exports() -> dict[str, str]:
+    """Each public name and the module it comes from, read from the block above.
+
+    Read with a pattern, not `ast`: an import may happen in any thread, and CPython 3.11's
+    parser is not safe to run in two threads at once.
+    """
+    with open(__file__, encoding="utf-8") as file:
+        source = file.read()
+    block = source.split("if TYPE_CHECKING:\n", 1)[1].split("\n\n", 1)[0]
+    exports: dict[str, str] = {}
+    for line in block.splitlines():
+        match = re.fullmatch(r"    from (\.\w+) import (\w+) as \2", line)
+        assert match is not None, f"not an export: {line!r}"
+        exports[match[2]] = match[1]
+    return exports
+
+
+_EXPORTS = _read_exports()
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def _publish() -> None:
+    """Name `pipeflow` as the module of each public name already imported, as the user
+    reaches it (`pipeflow.PipelineError` in reprs and tracebacks)."""
+    for name, relative in _EXPORTS.items():
+        module = sys.modules.get(__name__ + relative)
+        if module is not None:
+            value = getattr(module, name)
+            if getattr(value, "__module__", None) != __name__:
+                value.__module__ = __name__
+
+
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'pipeflow' has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)
+    _publish()
     globals()[name] = value
     return value
 
@@ -90,35 +96,7 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-__all__ = [
-    "CallableSink",
-    "ConfigError",
-    "CrashLoop",
-    "CsvSink",
-    "ErrorBudgetExceeded",
-    "ItemError",
-    "ItemTimeout",
-    "JsonlSink",
-    "ListSink",
-    "NullSink",
-    "PipeflowError",
-    "Pipeline",
-    "PipelineError",
-    "PoolStartError",
-    "Pool",
-    "RemoteTraceback",
-    "Retry",
-    "RunReport",
-    "Sink",
-    "Stage",
-    "StageReport",
-    "StdoutSink",
-    "WorkerCrashed",
-    "__version__",
-    "configure_logging",
-    "csv_rows",
-    "jsonl_records",
-    "load",
-    "schema",
-    "text_lines",
-]
+# the errors are light, and an error raised before its class was looked up through this
+# package must still name `pipeflow`
+importlib.import_module("._errors", __name__)
+_publish()

@@ -15,7 +15,7 @@ def main() -> None:
     # meanwhile ends it with its exit code, not a KeyboardInterrupt traceback
     signal.signal(signal.SIGINT, _exit)
     signal.signal(signal.SIGTERM, _exit)
-    from ._cli import main as run_command
+    from ._cli.commands import main as run_command
 
     run_command()
 

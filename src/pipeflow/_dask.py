@@ -33,7 +33,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from . import _worker
-from ._errors import ConfigError, ItemError, PipeflowError, WorkerCrashed
+from ._errors import ConfigError, ItemError, PoolStartError, WorkerCrashed
 from ._log import logger
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def start(name: str, spec: Pool) -> DaskExecutor:
 
     Raises:
         ConfigError: `distributed` is not installed, or `security` is of the wrong type.
-        PipeflowError: The scheduler cannot be reached, or the cluster does not start.
+        PoolStartError: The scheduler cannot be reached, or the cluster does not start.
     """
     distributed = require_distributed()
     security = _security(distributed, spec.security, local=spec.address == "local")
@@ -108,7 +108,7 @@ def start(name: str, spec: Pool) -> DaskExecutor:
             client.run(_worker.mark_process_worker)
         except Exception as exc:
             client.close()
-            raise PipeflowError(
+            raise PoolStartError(
                 f"pool {name!r}: the Dask workers cannot run pipeflow's worker code "
                 f"({type(exc).__name__}: {exc}); install pipeflow on every worker"
             ) from exc
@@ -119,7 +119,7 @@ def start(name: str, spec: Pool) -> DaskExecutor:
             where = "start a local Dask cluster" if cluster is None else "reach its workers"
             if spec.address != "local":
                 where = f"reach the Dask scheduler at {spec.address}"
-            raise PipeflowError(f"pool {name!r}: cannot {where}: {exc}") from exc
+            raise PoolStartError(f"pool {name!r}: cannot {where}: {exc}") from exc
         raise
     logger.debug("dask_pool_started", pool=name, scheduler=client.scheduler.address)
     return DaskExecutor(client, cluster)

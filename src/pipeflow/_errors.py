@@ -1,21 +1,31 @@
 """pipeflow's exceptions, one rooted tree.
 
-PipeflowError
+PipeflowError                      every error a run raises carries its `report`
 ├── ConfigError (also ValueError)  a config or a Stage/Pipeline argument is wrong
+├── SourceFormatError (also ValueError)  a line of a source file cannot be read
 ├── PipelineError                  a run failed: names the stage and the item
 │     └── raised `from` the original exception, whose own `__cause__` is a
 │         RemoteTraceback carrying the worker's traceback text
 ├── ItemError                      what went wrong with one item (kept per item)
 │     ├── WorkerCrashed            a process worker died while it held the item
 │     └── ItemTimeout (also TimeoutError)  the item ran past its stage's `timeout`
-└── ErrorBudgetExceeded            too many items were skipped or dead-lettered
+├── ErrorBudgetExceeded            too many items were skipped or dead-lettered
+├── PoolStartError                 a pool's workers died, or its cluster could not be
+│                                  reached, before it took any work
+└── CrashLoop                      a pool's workers kept dying during the run
+
+RemoteTraceback is no PipeflowError: it only carries a worker's traceback text, as the
+`__cause__` of the exception raised there.
 """
 
 from __future__ import annotations
 
 import reprlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._report import RunReport
 
 __all__ = [
     "ConfigError",
@@ -28,7 +38,9 @@ __all__ = [
     "PoolStartError",
     "Problem",
     "RemoteTraceback",
+    "SourceFormatError",
     "WorkerCrashed",
+    "did_you_mean",
     "short_repr",
 ]
 
@@ -48,8 +60,23 @@ def short_repr(value: Any) -> str:
         return f"<{type(value).__name__} object>"
 
 
+def did_you_mean(word: str, choices: Any) -> str:
+    """`, did you mean 'x'?` for the closest of `choices`, or an empty string."""
+    import difflib  # only a wrong name needs it; a process worker imports this module
+
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f", did you mean {close[0]!r}?" if close else ""
+
+
 class PipeflowError(Exception):
-    """The root of every error pipeflow raises."""
+    """The root of every error pipeflow raises.
+
+    Attributes:
+        report: The report of the run the error ended (what it did up to the error), or
+            None for an error raised outside a run.
+    """
+
+    report: RunReport | None = None
 
 
 @dataclass(frozen=True)
@@ -126,8 +153,12 @@ class ErrorBudgetExceeded(PipeflowError):
     """More items were skipped or dead-lettered than `max_errors`/`max_error_rate` allow."""
 
 
+class SourceFormatError(PipeflowError, ValueError):
+    """A line of a source file cannot be read (bad JSON, for instance)."""
+
+
 class PoolStartError(PipeflowError):
-    """A pool's worker processes died before they could take any work."""
+    """A pool could not start: its workers died before any work, or its cluster is unreachable."""
 
 
 class CrashLoop(PipeflowError):

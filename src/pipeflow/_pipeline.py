@@ -13,9 +13,10 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import ConfigError, PipeflowError, Problem
-from ._imports import did_you_mean
-from ._pools import PoolHandle
+from ._control import RunControl
+from ._errors import ConfigError, PipeflowError, Problem, did_you_mean
+from ._plan import ErrorBudget, PlannedStage, RunPlan
+from ._pools import PoolHandle, pool_for
 from ._report import RunReport
 from ._runner import Runner, unwrap_group
 from ._sinks import ListSink, NullSink, Sink
@@ -110,28 +111,18 @@ class Pipeline:
         if problems:
             raise ConfigError(sorted(problems, key=lambda p: p.index or 0))
 
-    def pool_for(self, stage: Stage, pools: dict[str, PoolHandle]) -> PoolHandle | None:
-        """The pool `stage` runs in for one run, made once per name in `pools`."""
-        executor = stage.executor
-        if isinstance(executor, str):
-            key = f"executor:{executor}"
-            if key not in pools:
-                declared = self.executors[executor]
-                if isinstance(declared, Pool):
-                    pools[key] = PoolHandle(executor, spec=declared)
-                else:
-                    pools[key] = PoolHandle(executor, executor=declared)
-            return pools[key]
-        if executor is not None:
-            key = f"lent:{id(executor)}"
-            pools.setdefault(key, PoolHandle(stage.name or "stage", executor=executor))
-            return pools[key]
-        if stage.kind == "async" or stage.kind is None:
-            return None
-        key = f"stage:{stage.name}"
-        spec = Pool(stage.kind, stage.workers, start_method=stage.start_method)
-        pools[key] = PoolHandle(stage.name or "stage", spec=spec)
-        return pools[key]
+    def plan(self) -> RunPlan:
+        """What one run executes: the stages with pools of their own for that run."""
+        pools: dict[str, PoolHandle] = {}
+        stages = [PlannedStage(s, pool_for(s, self.executors, pools)) for s in self.stages]
+        return RunPlan(
+            name=self.name,
+            stages=stages,
+            pools=pools,
+            budget=ErrorBudget(self.max_errors, self.max_error_rate),
+            sink_queue_size=self.sink_queue_size,
+            dead_letter=self.dead_letter,
+        )
 
     def _source(self, source: Any) -> Any:
         chosen = self.source if source is None else source
@@ -150,32 +141,33 @@ class Pipeline:
         source: Any = None,
         *,
         progress: Callable[[RunReport], Any] | None = None,
-        runner_ready: Callable[[Runner], Any] | None = None,
+        control: RunControl | None = None,
     ) -> RunReport:
         """Run the pipeline to the end of its source and return what it did.
 
         Args:
             source: Overrides the pipeline's source for this run.
             progress: Called on the event loop with the live report about 5 times a second.
-            runner_ready: Called with the run's `Runner` before it starts (to request a
-                graceful stop from a signal handler, for instance).
+            control: A `RunControl` through which the app stops the run gracefully (the
+                first `stop()` drains, a second cancels) and watches it.
 
         Returns:
-            The run's report.
+            The run's report: status `ok`, `interrupted` after a `stop()`, or
+            `cancelled` after a second one.
 
         Raises:
             PipelineError: An item failed a stage whose `on_error` is `fail`, or the source
-                or the sink raised. The report is attached as its `report` attribute.
+                or the sink raised. Any `PipeflowError` a run raises carries the run's
+                report as its `report` attribute.
             PipeflowError: Awaited without a running asyncio event loop (under trio).
         """
         _require_asyncio()
-        runner = Runner(self, self._source(source), self.sink or NullSink(), progress)
-        if runner_ready is not None:
-            runner_ready(runner)
+        control = RunControl() if control is None else control
+        runner = Runner(self.plan(), self._source(source), self.sink or NullSink(), progress)
         try:
-            return await runner.run()
-        except Exception as exc:
-            exc.report = runner.report  # type: ignore[attr-defined]
+            return await control._run(runner)
+        except PipeflowError as exc:
+            exc.report = runner.report
             raise
 
     def run_sync(self, source: Any = None, **kwargs: Any) -> RunReport:
@@ -196,28 +188,36 @@ class Pipeline:
         """Run the pipeline and return its results as a list (for small runs and tests)."""
         _require_asyncio()
         sink = ListSink()
-        runner = Runner(self, self._source(source), sink)
+        runner = Runner(self.plan(), self._source(source), sink)
         await runner.run()
         return sink.items
 
     @asynccontextmanager
-    async def stream(self, source: Any = None) -> AsyncIterator[AsyncIterator[Any]]:
+    async def stream(
+        self, source: Any = None, *, control: RunControl | None = None
+    ) -> AsyncIterator[AsyncIterator[Any]]:
         """Run the pipeline in the background and iterate over its results.
 
         Leaving the block early (a `break`, an exception) cancels the run and shuts its
         pools down before the block is left.
+
+        Args:
+            source: Overrides the pipeline's source for this run.
+            control: A `RunControl`, as for `run()`: after its first `stop()` the results
+                end once every item taken from the source has come out.
 
         Raises:
             PipelineError: As `run()`.
         """
         _require_asyncio()
         send, recv = anyio.create_memory_object_stream[list[Any]](2)
-        runner = Runner(self, self._source(source), _ChannelSink(send))
+        runner = Runner(self.plan(), self._source(source), _ChannelSink(send))
+        control = RunControl() if control is None else control
         results = _Results(recv)
         error: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(runner.run)
+                tg.start_soon(control._run, runner)
                 try:
                     yield results
                 finally:
@@ -232,10 +232,8 @@ class Pipeline:
 
     def describe(self) -> list[dict[str, Any]]:
         """Each stage's name, kind, workers, op and queue bound, as a graph would show them."""
-        pools: dict[str, PoolHandle] = {}
         rows = []
-        for stage in self.stages:
-            pool = self.pool_for(stage, pools)
+        for stage, pool in self.plan().stages:
             rows.append(
                 {
                     "name": stage.name,

@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,7 +32,7 @@ import anyio.to_thread
 
 from . import _compat, _dask, _worker
 from ._errors import CrashLoop, PoolStartError
-from ._stage import Pool
+from ._stage import Pool, Stage
 
 __all__ = [
     "CallGate",
@@ -41,6 +41,7 @@ __all__ = [
     "PoolHandle",
     "PoolStartError",
     "default_start_method",
+    "pool_for",
 ]
 
 # Replacing a broken pool more often than this in one run is a crash loop, not bad luck.
@@ -49,15 +50,6 @@ MAX_REBUILDS = 32
 THREAD_GRACE_S = 2.0
 # How long a pool's end waits for its SIGKILLed workers to be gone.
 KILL_WAIT_S = 5.0
-
-
-_abandoned_threads = 0
-
-
-def abandoned_threads() -> int:
-    """How many threads this process gave up on after a timeout; they may never return,
-    so a command-line run ends its process without waiting for them."""
-    return _abandoned_threads
 
 
 class CallGate:
@@ -383,8 +375,6 @@ class PoolHandle:
             return False
         _compat.add_thread(executor)
         self.abandoned += 1
-        global _abandoned_threads
-        _abandoned_threads += 1
         return True
 
     def _end(self, executor: concurrent.futures.Executor | None, *, kill: bool) -> None:
@@ -438,3 +428,36 @@ def _cause_of_death(processes: list[Any], patience: float = 1.0) -> str:
         return "unknown cause"
     code = min(telling or codes, key=lambda c: c > 0)  # a signal says more than a code
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def pool_for(
+    stage: Stage,
+    executors: Mapping[str, Pool | concurrent.futures.Executor],
+    pools: dict[str, PoolHandle],
+) -> PoolHandle | None:
+    """The pool `stage` runs in for one run, or None for the event loop.
+
+    A pool's identity is what it is made from: one handle per named executor (shared by
+    the stages that name it), per lent executor object, and per stage with a kind of its
+    own. Handles are made on first use and kept in `pools`, the run's own.
+    """
+    executor = stage.executor
+    if isinstance(executor, str):
+        key = f"executor:{executor}"
+        if key not in pools:
+            declared = executors[executor]
+            if isinstance(declared, Pool):
+                pools[key] = PoolHandle(executor, spec=declared)
+            else:
+                pools[key] = PoolHandle(executor, executor=declared)
+        return pools[key]
+    if executor is not None:
+        key = f"lent:{id(executor)}"
+        pools.setdefault(key, PoolHandle(stage.name or "stage", executor=executor))
+        return pools[key]
+    if stage.kind == "async" or stage.kind is None:
+        return None
+    key = f"stage:{stage.name}"
+    spec = Pool(stage.kind, stage.workers, start_method=stage.start_method)
+    pools[key] = PoolHandle(stage.name or "stage", spec=spec)
+    return pools[key]

@@ -31,7 +31,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.lowlevel
@@ -43,7 +43,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from . import _worker
 from ._errors import (
     ConfigError,
-    ErrorBudgetExceeded,
     ItemTimeout,
     PipeflowError,
     PipelineError,
@@ -52,15 +51,13 @@ from ._errors import (
     short_repr,
 )
 from ._log import logger
+from ._plan import RunPlan
 from ._pools import PoolHandle
 from ._report import RunReport, StageReport
 from ._sinks import Sink
 from ._stage import Stage
 from ._steps import TimedSteps
 from ._worker import ChunkResult, Collector, Failure, StageCall
-
-if TYPE_CHECKING:
-    from ._pipeline import Pipeline
 
 __all__ = ["Runner"]
 
@@ -386,8 +383,20 @@ def _stage_error(stage: str, failure: Failure, where: str) -> PipelineError:
 class StageRun:
     """One stage during one run: its chunks, its executor calls, its error policy."""
 
-    def __init__(self, runner: Runner, stage: Stage, pool: PoolHandle | None, key: str) -> None:
-        self.runner = runner
+    def __init__(
+        self,
+        stage: Stage,
+        pool: PoolHandle | None,
+        key: str,
+        *,
+        dead_letter: Callable[[dict[str, Any]], Awaitable[None]],
+        check_error_budget: Callable[[], None],
+        teardown_failures: list[tuple[str, str, Failure]],
+    ) -> None:
+        # the run's hooks this stage needs, and nothing else of the run
+        self.dead_letter = dead_letter
+        self.check_error_budget = check_error_budget
+        self.teardown_failures = teardown_failures
         self.stage = stage
         self.name: str = stage.name or "stage"
         self.pool = pool
@@ -485,7 +494,7 @@ class StageRun:
                             if isinstance(result, Awaitable):
                                 await result
                         except Exception as exc:  # reported at the run's end, as any kind's
-                            self.runner.teardown_failures.append(
+                            self.teardown_failures.append(
                                 (self.name, "event loop", _worker.Collector.failure_of(exc))
                             )
         logger.debug(
@@ -749,8 +758,8 @@ class StageRun:
                 "traceback": failure.traceback,
                 "attempts": attempts,
             }
-            await self.runner.dead_letter(record)
-        self.runner.check_error_budget()
+            await self.dead_letter(record)
+        self.check_error_budget()
 
     def _pipeline_error(
         self, index: int, value: Any, failure: Failure, attempts: int
@@ -1062,22 +1071,31 @@ class Runner:
 
     def __init__(
         self,
-        pipeline: Pipeline,
+        plan: RunPlan,
         source: Any,
         sink: Sink,
         progress: Callable[[RunReport], Any] | None = None,
     ) -> None:
-        self.pipeline = pipeline
+        self.plan = plan
         self.source = source
         self.sink = sink
         self.progress = progress
+        # (stage, worker, failure) of each teardown that raised
+        self.teardown_failures: list[tuple[str, str, Failure]] = []
         run_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self.pools: dict[str, PoolHandle] = {}
-        self.stages: list[StageRun] = []
-        for stage in pipeline.stages:
-            pool = pipeline.pool_for(stage, self.pools)
-            self.stages.append(StageRun(self, stage, pool, f"{run_id}:{stage.name}"))
-        self.report = RunReport(name=pipeline.name, stages=[s.report for s in self.stages])
+        self.pools = plan.pools
+        self.stages = [
+            StageRun(
+                stage,
+                pool,
+                f"{run_id}:{stage.name}",
+                dead_letter=self.dead_letter,
+                check_error_budget=self.check_error_budget,
+                teardown_failures=self.teardown_failures,
+            )
+            for stage, pool in plan.stages
+        ]
+        self.report = RunReport(name=plan.name, stages=[s.report for s in self.stages])
         # A record stays in `_dead_pending` until the writer takes it (the queue carries
         # its key), so one whose send was interrupted is neither lost nor written twice;
         # `_dead_unsent` holds those the writer took but could not write.
@@ -1092,8 +1110,6 @@ class Runner:
         self._stop_pulling = threading.Event()
         self._source_scope = anyio.CancelScope()
         self._source_bytes = _ByteGauge()
-        # (stage, worker, failure) of each teardown that raised
-        self.teardown_failures: list[tuple[str, str, Failure]] = []
 
     # --- hooks the stages call ---
 
@@ -1106,19 +1122,8 @@ class Runner:
         await self._dead_letters.send(key)
 
     def check_error_budget(self) -> None:
-        """Abort the run if skipped + dead-lettered items exceed the pipeline's budget."""
-        budget, rate = self.pipeline.max_errors, self.pipeline.max_error_rate
-        if budget is None and rate is None:
-            return
-        errors = sum(s.skipped + s.dead_lettered for s in self.report.stages)
-        seen = max(1, self.report.items_read)
-        if (budget is not None and errors > budget) or (
-            rate is not None and errors >= 10 and errors / seen > rate
-        ):
-            raise ErrorBudgetExceeded(
-                f"{errors} items skipped or dead-lettered out of {seen} read, over the "
-                f"error budget (max_errors={budget}, max_error_rate={rate})"
-            )
+        """Abort the run if skipped + dead-lettered items exceed the plan's budget."""
+        self.plan.budget.check(self.report)
 
     def request_stop(self) -> None:
         """Stop pulling the source; items already taken are finished and written."""
@@ -1301,18 +1306,18 @@ class Runner:
 
     async def _run_tasks(self) -> None:
         stages = self.stages
-        pipeline = self.pipeline
+        plan = self.plan
         sends: list[MemoryObjectSendStream[Batch]] = []
         recvs: list[MemoryObjectReceiveStream[Batch]] = []
         for stage in stages:
             send, recv = anyio.create_memory_object_stream[Batch](stage.stage.queue_size)
             sends.append(send)
             recvs.append(recv)
-        sink_send, sink_recv = anyio.create_memory_object_stream[Batch](pipeline.sink_queue_size)
+        sink_send, sink_recv = anyio.create_memory_object_stream[Batch](plan.sink_queue_size)
         sends.append(sink_send)
         recvs.append(sink_recv)
         ends: list[MemoryObjectSendStream[Any] | MemoryObjectReceiveStream[Any]] = [*sends, *recvs]
-        dead_sink = pipeline.dead_letter
+        dead_sink = plan.dead_letter
         dl_recv: MemoryObjectReceiveStream[int] | None = None
         failing = False
         try:
@@ -1435,13 +1440,15 @@ class Runner:
         # unbuffered: an item the puller holds is either delivered or never taken from
         # the source (a stopping run drains the puller's pending send below)
         items_send, items_recv = anyio.create_memory_object_stream[Any](0)
+        pulling = anyio.CancelScope()
 
         async def pull() -> None:
             iterator = aiter(source)
             try:
-                async with items_send:
-                    async for value in iterator:
-                        await items_send.send(value)
+                with pulling:
+                    async with items_send:
+                        async for value in iterator:
+                            await items_send.send(value)
             finally:
                 aclose = getattr(iterator, "aclose", None)
                 if aclose is not None:
@@ -1481,6 +1488,9 @@ class Runner:
                 if self._stop.is_set():
                     with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
                         values.append(items_recv.receive_nowait())
+                    # before the delivery below lets the puller run: it would take
+                    # one more item from the source, which no one would deliver
+                    pulling.cancel()
                     ended = True
                 await self._deliver(send, values)
                 size = min(size * 2, self._max_source_batch())

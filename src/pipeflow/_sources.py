@@ -8,13 +8,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ._errors import PipeflowError
+from ._errors import SourceFormatError
 
-__all__ = ["FileSource", "csv_rows", "jsonl_records", "text_lines"]
-
-
-class SourceFormatError(PipeflowError, ValueError):
-    """A line of a source file cannot be read (bad JSON, for instance)."""
+__all__ = ["FileSource", "SourceFormatError", "csv_rows", "jsonl_records", "text_lines"]
 
 
 def text_lines(path: str | Path, *, strip: bool = True, skip_blank: bool = True) -> Iterator[str]:

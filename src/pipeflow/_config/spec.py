@@ -31,7 +31,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
-from ._stage import (
+from .._stage import (
     MAX_BATCH,
     MAX_CONCURRENCY,
     MAX_QUEUE_SIZE,

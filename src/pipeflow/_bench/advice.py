@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._bench_figures import BenchResult, PointResult, RunFigures
+    from .figures import BenchResult, PointResult, RunFigures
 
 __all__ = ["recommend"]
 

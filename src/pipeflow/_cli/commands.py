@@ -25,19 +25,18 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from . import __version__
-from ._bench import parse_matrix, plan_bench, run_bench
-from ._bench_figures import PointResult
-from ._bench_render import PlotUnavailable, check_plotting, print_bench, write_plot, write_results
-from ._config import load, schema
-from ._console import LiveProgress, log_failure, log_summary, print_failure, print_summary
-from ._errors import ConfigError, PipeflowError, PipelineError
-from ._graph import draw
-from ._log import configure_logging, logger
-from ._pipeline import Pipeline
-from ._pools import abandoned_threads
-from ._report import RunReport
-from ._runner import Runner
+from .. import __version__
+from .._bench.bench import parse_matrix, plan_bench, run_bench
+from .._bench.figures import PointResult
+from .._bench.render import PlotUnavailable, check_plotting, print_bench, write_plot, write_results
+from .._config.config import load, schema
+from .._control import RunControl
+from .._errors import ConfigError, PipeflowError, PipelineError
+from .._log import configure_logging, logger
+from .._pipeline import Pipeline
+from .._report import RunReport
+from .console import LiveProgress, log_failure, log_summary, print_failure, print_summary
+from .graph import draw
 
 __all__ = ["app", "main"]
 
@@ -208,7 +207,7 @@ class _Outcome:
     """What `_run` learned: the report, the error if the run raised, the signals received."""
 
     def __init__(self, report_file: Path | None = None) -> None:
-        self.runner: Runner | None = None
+        self.control = RunControl()
         self.report: RunReport | None = None
         self.error: Exception | None = None
         self.signals: list[int] = []
@@ -232,7 +231,7 @@ class _Outcome:
     def _end_if_stuck(self, signum: int) -> None:
         if self.finished.wait(SECOND_SIGNAL_GRACE_S):
             return
-        report = self.runner.report if self.runner is not None else None
+        report = self.control.report
         if report is not None and self.report_file is not None:
             if report.status == "running":
                 report.status = "cancelled"
@@ -249,7 +248,7 @@ class _Outcome:
 async def _run(
     pipeline: Pipeline, progress: Callable[[RunReport], Any] | None, outcome: _Outcome
 ) -> None:
-    run_scope = anyio.CancelScope()
+    control = outcome.control
 
     async def watch_signals(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
@@ -258,30 +257,26 @@ async def _run(
             task_status.started()
             async for signum in received:
                 outcome.signals.append(signum)
-                if len(outcome.signals) == 1 and outcome.runner is not None:
+                if len(outcome.signals) == 1:
                     logger.warning(
                         "stopping",
                         signal=signal.Signals(signum).name,
                         hint="finishing the items already read; signal again to cancel",
                     )
-                    outcome.runner.request_stop()
-                else:
-                    run_scope.cancel()
-
-    def ready(runner: Runner) -> None:
-        outcome.runner = runner
+                # as an app stops a run: the first stop drains, the second cancels
+                control.stop()
 
     async with anyio.create_task_group() as tg:
         await tg.start(watch_signals)
         try:
-            with run_scope:
-                outcome.report = await pipeline.run(progress=progress, runner_ready=ready)
+            outcome.report = await pipeline.run(progress=progress, control=control)
         except Exception as exc:
             outcome.error = exc
         finally:
             tg.cancel_scope.cancel()
-    if outcome.report is None and outcome.runner is not None:
-        outcome.report = getattr(outcome.error, "report", None) or outcome.runner.report
+    if outcome.report is None:
+        outcome.report = getattr(outcome.error, "report", None) or control.report
+    _abandoned_threads.append(control.abandoned_threads)
 
 
 def _broken_pipe(error: BaseException | None) -> bool:
@@ -429,6 +424,8 @@ def schema_command() -> None:
 
 
 _signalled: list[int] = []
+# threads each run of this process gave up on after a timeout
+_abandoned_threads: list[int] = []
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:
@@ -462,7 +459,7 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:
-        if abandoned_threads() or _stuck_threads():
+        if any(_abandoned_threads) or _stuck_threads():
             # a thread stuck past its timeout, or in a run cancelled by a second signal,
             # may never return, and the interpreter would wait for it at exit: flush what
             # we wrote and end the process now

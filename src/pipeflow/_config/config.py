@@ -20,9 +20,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from ._build import build_pipeline, stage_name
-from ._errors import ConfigError
-from ._imports import (
+from .._errors import ConfigError
+from .._pipeline import Pipeline
+from .._stage import PICKLING_KINDS
+from .build import build_pipeline, stage_name
+from .imports import (
     ImportProblem,
     did_you_mean,
     import_exception,
@@ -30,10 +32,8 @@ from ._imports import (
     pickle_problem,
     put_first_on_sys_path,
 )
-from ._pipeline import Pipeline
-from ._spec import ConfigSpec, schema
-from ._stage import PICKLING_KINDS
-from ._yaml import DataPath, Document, Origin, read_yaml
+from .spec import ConfigSpec, schema
+from .yaml import DataPath, Document, Origin, read_yaml
 
 __all__ = ["load", "schema", "stage_name"]
 

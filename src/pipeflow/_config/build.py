@@ -19,14 +19,14 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from ._errors import ConfigError
-from ._imports import ImportProblem, import_exception
-from ._pipeline import Pipeline
-from ._sinks import CallableSink, CsvSink, JsonlSink, NullSink, Sink, StdoutSink
-from ._sources import FileSource, csv_rows, jsonl_records, text_lines
-from ._spec import ConfigSpec, ExecutorSpec, SecuritySpec, SinkSpec, SourceSpec, StageSpec
-from ._stage import ON_ERROR, Pool, Retry, Stage
-from ._yaml import DataPath
+from .._errors import ConfigError
+from .._pipeline import Pipeline
+from .._sinks import CallableSink, CsvSink, JsonlSink, NullSink, Sink, StdoutSink
+from .._sources import FileSource, csv_rows, jsonl_records, text_lines
+from .._stage import ON_ERROR, Pool, Retry, Stage
+from .imports import ImportProblem, import_exception
+from .spec import ConfigSpec, ExecutorSpec, SecuritySpec, SinkSpec, SourceSpec, StageSpec
+from .yaml import DataPath
 
 __all__ = ["build_pipeline", "stage_name"]
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ._pipeline import Pipeline
-from ._sources import FileSource
+from .._pipeline import Pipeline
+from .._sources import FileSource
 
 __all__ = ["FORMATS", "draw"]
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ._bench_figures import BenchResult, PointResult, StageFigures, short_names
+from .figures import BenchResult, PointResult, StageFigures, short_names
 
 __all__ = ["PlotUnavailable", "check_plotting", "print_bench", "write_plot", "write_results"]
 

@@ -22,8 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import cloudpickle
 
-from ._bench_figures import (
+from .._config.config import load
+from .._config.spec import BenchSpec
+from .._config.yaml import read_yaml
+from .._control import RunControl
+from .._errors import ConfigError, PipelineError
+from .._pipeline import Pipeline
+from .._report import RunReport, StageReport
+from .._sinks import Sink, to_json_line
+from .._stage import Stage
+from .figures import (
     BenchPlan,
     BenchResult,
     PointResult,
@@ -31,14 +41,6 @@ from ._bench_figures import (
     StageFigures,
     short_names,
 )
-from ._config import load
-from ._errors import ConfigError, PipelineError
-from ._pipeline import Pipeline
-from ._report import RunReport
-from ._runner import Runner, StageRun
-from ._sinks import Sink, to_json_line
-from ._spec import BenchSpec
-from ._yaml import read_yaml
 
 __all__ = [
     "BenchPlan",
@@ -172,7 +174,7 @@ def run_bench(
     Returns:
         The measurements; `recommendation` is filled by `_bench_advice.recommend`.
     """
-    from ._bench_advice import recommend
+    from .advice import recommend
 
     names = short_names(list(plan.matrix))
     points: list[PointResult] = []
@@ -229,8 +231,8 @@ class _HashingSink(Sink):
 class _Sampler:
     """Peak RSS of the parent and of the pools' workers, read on each progress update."""
 
-    def __init__(self) -> None:
-        self.runner: Runner | None = None
+    def __init__(self, control: RunControl) -> None:
+        self.control = control
         try:
             import psutil
         except ImportError:  # RSS figures are left out; the rest of the bench works
@@ -241,44 +243,38 @@ class _Sampler:
         self.worker_peaks: dict[int, int] = {}
         self._processes: dict[int, Any] = {}
 
-    def ready(self, runner: Runner) -> None:
-        self.runner = runner
-        for stage in runner.stages:
-            if stage.pool is not None and stage.pool.remote:
-                stage.samples = []
-
     def sample(self, report: RunReport | None = None) -> None:
         if self.psutil is None:
             return
         self.parent_peak = max(self.parent_peak, self.psutil.Process().memory_info().rss)
-        if self.runner is None:
-            return
-        for pool in self.runner.pools.values():
-            for pid in pool.pids():
-                try:
-                    process = self._processes.get(pid) or self.psutil.Process(pid)
-                    self._processes[pid] = process
-                    rss = process.memory_info().rss
-                except self.psutil.Error:  # the worker ended between pids() and now
-                    continue
-                self.worker_peaks[pid] = max(self.worker_peaks.get(pid, 0), rss)
+        for pid in self.control.worker_pids():
+            try:
+                process = self._processes.get(pid) or self.psutil.Process(pid)
+                self._processes[pid] = process
+                rss = process.memory_info().rss
+            except self.psutil.Error:  # the worker ended between pids() and now
+                continue
+            self.worker_peaks[pid] = max(self.worker_peaks.get(pid, 0), rss)
 
 
 def _timed_run(pipeline: Pipeline) -> RunFigures:
     sink = _HashingSink(ordered=all(stage.ordered for stage in pipeline.stages))
     pipeline.sink = sink
-    sampler = _Sampler()
+    control = RunControl(keep_samples=True)
+    sampler = _Sampler(control)
     sampler.sample()
     cpu_before = _cpu_s()
     started = time.perf_counter()
-    report = anyio.run(lambda: pipeline.run(progress=sampler.sample, runner_ready=sampler.ready))
+    report = anyio.run(lambda: pipeline.run(progress=sampler.sample, control=control))
     wall = time.perf_counter() - started
     cpu = _cpu_s() - cpu_before
     sampler.sample()
-    runner = sampler.runner
-    assert runner is not None
-    pool_start = sum(pool.start_s for pool in runner.pools.values())
-    stages = [_stage_figures(stage, report.wall_s - pool_start) for stage in runner.stages]
+    pool_start = control.pool_start_s
+    working_s = report.wall_s - pool_start
+    stages = [
+        _stage_figures(stage, figures, control.samples(figures.name), working_s)
+        for stage, figures in zip(pipeline.stages, report.stages, strict=True)
+    ]
     mb = 1024 * 1024
     workers = list(sampler.worker_peaks.values())
     has_psutil = sampler.psutil is not None
@@ -309,8 +305,12 @@ def _max_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def _stage_figures(stage: StageRun, working_s: float) -> StageFigures:
-    report = stage.report
+def _stage_figures(
+    stage: Stage,
+    report: StageReport,
+    samples: list[tuple[list[Any], list[Any]]] | None,
+    working_s: float,
+) -> StageFigures:
     available = max(working_s, 1e-9) * report.workers
     figures = StageFigures(
         name=report.name,
@@ -326,12 +326,14 @@ def _stage_figures(stage: StageRun, working_s: float) -> StageFigures:
         queue_high_water=report.queue_high_water,
         pool_start_s=report.pool_start_s,
     )
-    if stage.samples is not None:
-        _estimate_serialisation(stage, figures)
+    if samples is not None:
+        _estimate_serialisation(stage, samples, figures)
     return figures
 
 
-def _estimate_serialisation(stage: StageRun, figures: StageFigures) -> None:
+def _estimate_serialisation(
+    stage: Stage, samples: list[tuple[list[Any], list[Any]]], figures: StageFigures
+) -> None:
     """Pickling cost of a process stage, from the items of its first calls.
 
     Each item crosses the boundary twice: the parent pickles it and the worker unpickles
@@ -339,13 +341,14 @@ def _estimate_serialisation(stage: StageRun, figures: StageFigures) -> None:
     dumps + loads of a sample here, per item, and scaling it by the items and results
     the stage moved, covers both ends; each call adds the pickled stage call.
     """
-    samples = stage.samples or []
     inputs = [value for values, _ in samples for value in values][:SAMPLE_ITEMS]
     outputs = [value for _, values in samples for value in values][:SAMPLE_ITEMS]
     try:
         in_s, in_bytes = _pickle_cost(inputs)
         out_s, out_bytes = _pickle_cost(outputs)
-        call_s, _ = _pickle_cost([stage.call]) if stage.call is not None else (0.0, 0.0)
+        # a call carries the stage's callables pickled once, by cloudpickle, as bytes
+        call = [cloudpickle.dumps(part) for part in (stage.fn, stage.setup, stage.teardown)]
+        call_s, _ = _pickle_cost([call])
     except Exception:  # a value only cloudpickle handles (a dask stage): no estimate
         return
     figures.serialise_s = (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import difflib
 import importlib
 import pkgutil
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+
+from .._errors import did_you_mean
 
 __all__ = [
     "ImportProblem",
@@ -24,12 +25,6 @@ __all__ = [
 
 class ImportProblem(Exception):
     """A reference that does not resolve; the message is one line for the user."""
-
-
-def did_you_mean(word: str, choices: Any) -> str:
-    """`, did you mean 'x'?` for the closest of `choices`, or an empty string."""
-    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
-    return f", did you mean {close[0]!r}?" if close else ""
 
 
 def put_first_on_sys_path(directory: Path) -> None:

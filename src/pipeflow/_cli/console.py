@@ -15,9 +15,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from ._errors import PipeflowError, PipelineError
-from ._log import logger
-from ._report import RunReport, StageReport
+from .._errors import PipeflowError, PipelineError
+from .._log import logger
+from .._report import RunReport, StageReport
 
 __all__ = ["LiveProgress", "log_failure", "log_summary", "print_failure", "print_summary"]
 
