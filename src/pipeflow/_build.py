@@ -66,7 +66,10 @@ def build_pipeline(
         )
     except ConfigError as exc:
         for problem in exc.problems:
-            add((), problem)
+            if problem.startswith("dead_letter: "):
+                add(("dead_letter",), problem.removeprefix("dead_letter: "))
+            else:
+                add((), problem)
         return None
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -83,6 +85,12 @@ class Pipeline:
                     f"stage {stage.name!r}: on_error is dead_letter but the pipeline has "
                     "no dead_letter sink"
                 )
+        shared = _same_file(self.sink, self.dead_letter)
+        if shared is not None:
+            problems.append(
+                f"dead_letter: writes to the sink's own file {shared}, which would mix "
+                "results and dead-letter records in one file; give it a file of its own"
+            )
         if problems:
             raise ConfigError(problems)
 
@@ -218,6 +226,17 @@ class Pipeline:
                 }
             )
         return rows
+
+
+def _same_file(sink: Sink | None, dead_letter: Sink | None) -> str | None:
+    """The file both sinks write to, if they write to the same one."""
+    paths = [getattr(s, "path", None) for s in (sink, dead_letter)]
+    if not all(isinstance(p, os.PathLike | str) for p in paths):
+        return None
+    first, second = (Path(p).resolve() for p in paths)  # type: ignore[arg-type]
+    if first == second or (first.exists() and second.exists() and first.samefile(second)):
+        return str(paths[0])
+    return None
 
 
 class _ChannelSink(Sink):

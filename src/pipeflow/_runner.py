@@ -22,6 +22,7 @@ import functools
 import itertools
 import math
 import os
+import pickle
 import random
 import threading
 import time
@@ -43,6 +44,7 @@ from ._errors import (
     ConfigError,
     ErrorBudgetExceeded,
     ItemTimeout,
+    PipeflowError,
     PipelineError,
     RemoteTraceback,
     WorkerCrashed,
@@ -88,8 +90,62 @@ class Batch(NamedTuple):
     values: list[Any]
 
 
+# Memory in bytes: an executor call carries at most MAX_CALL_BYTES of items and a source
+# batch at most MAX_SOURCE_BATCH_BYTES (always at least one item), so what a run holds
+# stays near (queues + calls in flight) x a few MiB, or one item each, whatever the item
+# size. A fixed `batch:` is the user's choice and is kept.
+MAX_CALL_BYTES = 4 << 20
+MAX_SOURCE_BATCH_BYTES = 4 << 20
+# An item whose size can't be read cheaply is pickled to measure it, once in this many
+# batches (and on the first).
+PICKLE_SAMPLE_EVERY = 16
+
+
+def cheap_size(value: Any) -> int | None:
+    """The bytes `value` holds, when that is cheap to know; None otherwise."""
+    if isinstance(value, bytes | bytearray | str):
+        return len(value)
+    if isinstance(value, memoryview):
+        return value.nbytes
+    if value is None or isinstance(value, bool | int | float):
+        return 32
+    nbytes = getattr(value, "nbytes", None)  # numpy, pyarrow and the like
+    return nbytes if isinstance(nbytes, int) else None
+
+
+class _ByteGauge:
+    """Bytes per item of a stream of batches, from a sample of each batch: quick to rise
+    (a large item is believed at once), slow to fall."""
+
+    def __init__(self) -> None:
+        self.per_item = 0.0
+        self._batches = 0
+
+    def observe(self, values: Sequence[Any]) -> None:
+        if not values:
+            return
+        self._batches += 1
+        sizes = [cheap_size(values[0]), cheap_size(values[-1])]
+        if None in sizes:
+            if self._batches % PICKLE_SAMPLE_EVERY != 1:
+                return
+            try:
+                sizes = [len(pickle.dumps(values[0], pickle.HIGHEST_PROTOCOL))]
+            except Exception:  # it will fail where it must cross a process boundary
+                return
+        size = float(max(s for s in sizes if s is not None))
+        self.per_item = size if size >= self.per_item else 0.8 * self.per_item + 0.2 * size
+
+    def items_within(self, limit: int) -> int:
+        """How many items fit in `limit` bytes (at least one)."""
+        if self.per_item <= 0:
+            return 1 << 30
+        return max(1, int(limit // self.per_item))
+
+
 class _ChunkSizer:
-    """Items per executor call: fixed, or sized from the measured per-item cost."""
+    """Items per executor call: fixed, or sized from the measured per-item cost and
+    capped by the items' bytes."""
 
     def __init__(self, fixed: int | None, kind: str) -> None:
         self.fixed = fixed
@@ -97,13 +153,25 @@ class _ChunkSizer:
         self.target = TARGET_CALL_S[kind]
         self.limit = MAX_CHUNK[kind]
         self.per_item: float | None = None
+        self.by_time = self.size
+        self.bytes = _ByteGauge()
 
     def observe(self, items: int, busy_s: float) -> None:
         if self.fixed is not None or items == 0 or self.target == 0:
             return
         cost = max(busy_s / items, 1e-8)
         self.per_item = cost if self.per_item is None else 0.7 * self.per_item + 0.3 * cost
-        self.size = max(1, min(self.limit, int(self.target / self.per_item)))
+        self.by_time = max(1, min(self.limit, int(self.target / self.per_item)))
+        self._resize()
+
+    def observe_values(self, values: Sequence[Any]) -> None:
+        """Learn the bytes per item from a batch of a stage's inputs or outputs."""
+        if self.fixed is None:
+            self.bytes.observe(values)
+            self._resize()
+
+    def _resize(self) -> None:
+        self.size = min(self.by_time, self.bytes.items_within(MAX_CALL_BYTES))
 
 
 async def _send(send: MemoryObjectSendStream[Any], item: Any) -> float:
@@ -148,6 +216,8 @@ def unwrap_group(group: BaseExceptionGroup[Any]) -> BaseException:
     else its first exception that is not a cancellation."""
     chosen: BaseExceptionGroup[Any] | None
     chosen, _ = group.split(PipelineError)
+    if chosen is None:  # an error budget exceeded, say: a closed queue is its echo
+        chosen, _ = group.split(PipeflowError)
     if chosen is None:
         cancelled = anyio.get_cancelled_exc_class()
         chosen, _ = group.split(lambda e: not isinstance(e, cancelled))
@@ -165,6 +235,25 @@ def _error_of(stage: str, index: int | None, value: Any, exc: BaseException) -> 
         error_type=type(exc).__qualname__,
         error_message=str(exc),
         traceback="".join(traceback.format_exception(exc)),
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _sink_error(stage: str, sink: Sink, exc: BaseException) -> PipelineError:
+    """A sink (`sink` or `dead_letter`) failed. A system error (a full disk) is told in
+    one line, with the file it was writing: pipeflow's own frames would only hide it."""
+    if not isinstance(exc, OSError):
+        return _error_of(stage, None, None, exc)
+    path = getattr(sink, "path", None)
+    message = str(exc) if path is None or exc.filename else f"{exc}: {str(path)!r}"
+    error = PipelineError(
+        stage=stage,
+        index=None,
+        item_repr=None,
+        error_type=type(exc).__qualname__,
+        error_message=message,
+        traceback="",
     )
     error.__cause__ = exc
     return error
@@ -383,8 +472,9 @@ class StageRun:
             waiting = min(recv.statistics().current_buffer_used + 1, report.queue_size)
             if waiting > report.queue_high_water:
                 report.queue_high_water = waiting
-            size = self.sizer.size
             indices, values = batch
+            self.sizer.observe_values(values)
+            size = self.sizer.size
             merged = False
             while len(values) < size:  # merge what already waits, never wait for more
                 try:
@@ -587,6 +677,7 @@ class StageRun:
         by_worker = self.report.by_worker
         by_worker[result.worker] = by_worker.get(result.worker, 0) + items
         self.sizer.observe(items, result.busy_s)
+        self.sizer.observe_values(result.outputs)
 
     def _failed_chunk(self, exc: BaseException) -> ChunkResult:
         collector = Collector(self.stage.op)
@@ -828,19 +919,30 @@ class Runner:
             pool = pipeline.pool_for(stage, self.pools)
             self.stages.append(StageRun(self, stage, pool, f"{run_id}:{stage.name}"))
         self.report = RunReport(name=pipeline.name, stages=[s.report for s in self.stages])
-        self._dead_letters: MemoryObjectSendStream[dict[str, Any]] | None = None
+        # A record stays in `_dead_pending` until the writer takes it (the queue carries
+        # its key), so one whose send was interrupted is neither lost nor written twice;
+        # `_dead_unsent` holds those the writer took but could not write.
+        self._dead_letters: MemoryObjectSendStream[int] | None = None
+        self._dead_pending: dict[int, dict[str, Any]] = {}
+        self._dead_keys = itertools.count()
+        self._dead_unsent: list[dict[str, Any]] = []
+        self._dead_failed = False
         # request_stop() sets both: the source stops between two items and delivers
         # what it holds; closing its queue then lets the stages drain what they hold
         self._stop = anyio.Event()
         self._stop_pulling = threading.Event()
         self._source_scope = anyio.CancelScope()
+        self._source_bytes = _ByteGauge()
 
     # --- hooks the stages call ---
 
     async def dead_letter(self, record: dict[str, Any]) -> None:
         """Hand a dead-letter record to the dead-letter writer."""
         assert self._dead_letters is not None, "dead_letter policy without a dead-letter sink"
-        await self._dead_letters.send(record)
+        key = next(self._dead_keys)
+        # counted already: the end of the run writes it if the writer does not
+        self._dead_pending[key] = record
+        await self._dead_letters.send(key)
 
     def check_error_budget(self) -> None:
         """Abort the run if skipped + dead-lettered items exceed the pipeline's budget."""
@@ -963,13 +1065,17 @@ class Runner:
         sends.append(sink_send)
         recvs.append(sink_recv)
         ends: list[MemoryObjectSendStream[Any] | MemoryObjectReceiveStream[Any]] = [*sends, *recvs]
+        dead_sink = pipeline.dead_letter
+        dl_recv: MemoryObjectReceiveStream[int] | None = None
+        failing = False
         try:
+            if dead_sink is not None:
+                dl_send, dl_recv = anyio.create_memory_object_stream[int](64)
+                self._dead_letters = dl_send
+                ends += [dl_send, dl_recv]
+                await self._open_dead_letters(dead_sink)
             async with anyio.create_task_group() as tg:
-                dead_sink = pipeline.dead_letter
-                if dead_sink is not None:
-                    dl_send, dl_recv = anyio.create_memory_object_stream[dict[str, Any]](64)
-                    self._dead_letters = dl_send
-                    ends += [dl_send, dl_recv]
+                if dead_sink is not None and dl_recv is not None:
                     tg.start_soon(self._write_dead_letters, dead_sink, dl_recv)
                 tg.start_soon(self._pump_source, sends[0])
                 for position, stage in enumerate(stages):
@@ -977,7 +1083,13 @@ class Runner:
                 await self._drain_to_sink(recvs[-1])
                 if self._dead_letters is not None:
                     await self._dead_letters.aclose()
+        except BaseException:
+            failing = True
+            raise
         finally:
+            if dead_sink is not None and dl_recv is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._finish_dead_letters(dead_sink, failing=failing)
             # each task closes its own ends, but a task cancelled before it started can't
             for end in ends:
                 end.close()
@@ -1011,11 +1123,13 @@ class Runner:
         first = self.stages[0]
         if first.sizer.fixed is not None:
             return first.sizer.fixed
-        return max(1, min(SOURCE_MAX_BATCH, first.sizer.size * first.workers))
+        by_bytes = self._source_bytes.items_within(MAX_SOURCE_BATCH_BYTES)
+        return max(1, min(SOURCE_MAX_BATCH, first.sizer.size * first.workers, by_bytes))
 
     async def _deliver(self, send: MemoryObjectSendStream[Batch], values: list[Any]) -> None:
         report = self.report
         index = report.items_read
+        self._source_bytes.observe(values)
         report.source_blocked_s += await _send(
             send, Batch(range(index, index + len(values)), values)
         )
@@ -1115,27 +1229,88 @@ class Runner:
             opened = True
             async with recv:
                 async for batch in recv:
-                    await sink.write(batch.values)
+                    sink.delivered = 0
+                    try:
+                        await sink.write(batch.values)
+                    except BaseException:
+                        # what reached the sink before the write failed or was cancelled
+                        report.items_written += sink.delivered
+                        raise
                     report.items_written += len(batch.values)
         except (PipelineError, anyio.get_cancelled_exc_class()):
             raise
         except Exception as exc:
             # a consumer of stream() that leaves closes the sink's queue as it cancels us
             await anyio.lowlevel.checkpoint_if_cancelled()
-            raise _error_of("sink", None, None, exc) from exc
+            raise _sink_error("sink", sink, exc) from exc
         finally:
             if opened:
                 with anyio.CancelScope(shield=True):
                     await sink.close()
 
-    async def _write_dead_letters(
-        self, sink: Sink, recv: MemoryObjectReceiveStream[dict[str, Any]]
-    ) -> None:
-        await sink.open()
+    # --- dead letters ---
+
+    async def _open_dead_letters(self, sink: Sink) -> None:
         try:
-            async with recv:
-                async for record in recv:
-                    await sink.write([record])
-        finally:
-            with anyio.CancelScope(shield=True):
-                await sink.close()
+            await sink.open()
+        except Exception as exc:
+            self._dead_failed = True
+            raise _sink_error("dead_letter", sink, exc) from exc
+
+    async def _write_dead_letters(self, sink: Sink, recv: MemoryObjectReceiveStream[int]) -> None:
+        pending = self._dead_pending
+        async with recv:
+            async for key in recv:
+                keys = [key]
+                while len(keys) < 256:  # what else waits goes in the same write
+                    try:
+                        keys.append(recv.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                records = [pending.pop(k) for k in keys if k in pending]
+                await self._write_dead_batch(sink, records)
+
+    async def _write_dead_batch(self, sink: Sink, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        sink.delivered = 0
+        try:
+            await sink.write(records)
+        except anyio.get_cancelled_exc_class():
+            self._dead_unsent[:0] = records[sink.delivered :]
+            raise
+        except Exception as exc:
+            self._dead_failed = True
+            self._dead_unsent[:0] = records[sink.delivered :]
+            raise _sink_error("dead_letter", sink, exc) from exc
+
+    async def _finish_dead_letters(self, sink: Sink, *, failing: bool) -> None:
+        """Write the records still queued or interrupted, then close the dead-letter sink.
+
+        A run that fails or is cancelled still writes every record it counted. A failure
+        here fails the run, unless it is failing already (then it is logged).
+        """
+        records = [*self._dead_unsent, *self._dead_pending.values()]
+        self._dead_unsent, self._dead_pending = [], {}
+        error: PipelineError | None = None
+        lost = len(records)
+        if not self._dead_failed:
+            try:
+                await self._write_dead_batch(sink, records)
+                lost = 0
+            except PipelineError as exc:
+                error, lost = exc, len(self._dead_unsent)
+        try:
+            await sink.close()
+        except Exception as exc:
+            if not self._dead_failed:
+                error = error or _sink_error("dead_letter", sink, exc)
+        if lost:
+            logger.error(
+                "dead_letters_lost",
+                records=lost,
+                error=str(error) if error is not None else None,
+                hint="the dead-letter sink failed: these records are counted but not written",
+            )
+        if error is not None and not failing:
+            raise error from error.__cause__

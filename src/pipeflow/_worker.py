@@ -7,6 +7,7 @@ failing item never fails its chunk-mates.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import signal
@@ -16,6 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import cloudpickle
@@ -66,6 +68,65 @@ class ChunkResult:
     failures: list[Failure]
     busy_s: float
     worker: str
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        packed: bytes | None = self.__dict__.get("packed")
+        if packed is None:
+            return (ChunkResult, (self.outputs, self.kept, self.failures, self.busy_s, self.worker))
+        return (_unpacked, (packed, self.kept, self.failures, self.busy_s, self.worker))
+
+
+def _unpacked(
+    packed: bytes, kept: list[int] | None, failures: list[Failure], busy_s: float, worker: str
+) -> ChunkResult:
+    return ChunkResult(pickle.loads(packed), kept, failures, busy_s, worker)
+
+
+def _dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def pack_outputs(result: ChunkResult, op: str, items: int) -> ChunkResult:
+    """Pickle a process worker's outputs before they leave it, and fail alone each item
+    whose result cannot be pickled.
+
+    Were the pool to find an unpicklable result, the whole call would fail and every
+    item of the chunk would run again. The outputs are pickled once, as a whole; only
+    when that fails is each output tried, to find the items to fail.
+    """
+    try:
+        result.packed = _dumps(result.outputs)  # type: ignore[attr-defined]
+        return result
+    except Exception as exc:
+        whole = exc
+    kept = result.kept if result.kept is not None else list(range(len(result.outputs)))
+    bad: dict[int, BaseException] = {}
+    for output, position in zip(result.outputs, kept, strict=True):
+        if position not in bad:
+            try:
+                _dumps(output)
+            except Exception as exc:
+                bad[position] = exc
+    if not bad:
+        raise whole  # the outputs fail together only (too deep, say): the call fails as a whole
+    if op == "map_batch":  # one call made every output: its items fail together
+        first = next(iter(bad.values()))
+        bad = dict.fromkeys(range(items), first)
+    failures = [f for f in result.failures if f.position not in bad]
+    for position, problem in bad.items():
+        kind = type(problem).__qualname__
+        message = f"the result cannot be pickled to leave the worker process: {problem}"
+        stand_in = UnpicklableError(f"{kind}: {message}")
+        failures.append(Failure(position, stand_in, kind, message, f"{kind}: {message}\n"))
+    failures.sort(key=lambda f: f.position)
+    pairs = [(o, p) for o, p in zip(result.outputs, kept, strict=True) if p not in bad]
+    result = ChunkResult(
+        [o for o, _ in pairs], [p for _, p in pairs], failures, result.busy_s, result.worker
+    )
+    result.packed = _dumps(result.outputs)  # type: ignore[attr-defined]
+    return result
 
 
 class UnpicklableError(Exception):
@@ -246,26 +307,33 @@ def run_chunk(call: StageCall, values: list[Any]) -> ChunkResult:
         # the hot loop of a trivial map: no method call per item
         outputs = collector.outputs
         append = outputs.append
+        failed_at = -1
         for position, value in enumerate(values):
             try:
                 append(fn(value))
             except Exception as exc:
                 collector.fail(position, exc)
-                kept = collector.kept
-                assert kept is not None
-                for later, value in enumerate(values[position + 1 :], position + 1):
-                    try:
-                        append(fn(value))
-                        kept.append(later)
-                    except Exception as exc:
-                        collector.fail(later, exc)
+                failed_at = position
                 break
+        # outside the `except` above: an item's exception must not carry another
+        # item's exception as its context (its traceback would show both)
+        if failed_at >= 0:
+            kept = collector.kept
+            assert kept is not None
+            for later, value in enumerate(values[failed_at + 1 :], failed_at + 1):
+                try:
+                    append(fn(value))
+                    kept.append(later)
+                except Exception as exc:
+                    collector.fail(later, exc)
     else:
         for position, value in enumerate(values):
             try:
                 collector.add(position, value, fn(value))
             except Exception as exc:
                 collector.fail(position, exc)
+    if _in_process_worker:
+        return pack_outputs(collector.result(started), call.op, len(values))
     return collector.result(started)
 
 
