@@ -172,3 +172,49 @@ def exit_on_2(n: int) -> int:
 def sleep_1(n: int) -> int:
     time.sleep(1)
     return n
+
+
+def pid_and_square(n: int) -> tuple[int, int]:
+    return os.getpid(), n * n
+
+
+def open_counted(path: str) -> dict[str, Any]:
+    """A setup that records itself (one line per call, from any process) in `path`."""
+    with open(path, "a") as log:
+        log.write(f"setup {os.getpid()}\n")
+    return {"ballast": bytearray(1 << 20)}  # 1 MB, as a client or a model would hold
+
+
+def close_counted(path: str, state: dict[str, Any]) -> None:
+    with open(path, "a") as log:
+        log.write(f"teardown {os.getpid()}\n")
+
+
+def add_one_with_state(n: int, state: dict[str, Any]) -> int:
+    return n + 1
+
+
+def failing_teardown(state: Any) -> None:
+    raise ValueError("cannot close the connection")
+
+
+def failing_setup() -> Any:
+    raise ValueError("cannot open the connection")
+
+
+def make_empty_state() -> dict[str, Any]:
+    return {}
+
+
+def cached_stage_entries(_: Any = None) -> int:
+    """How many stages this worker (process, or calling thread) still holds loaded."""
+    from pipeflow import _worker
+
+    thread_cache = getattr(_worker._thread_loaded, "cache", None) or {}
+    return len(_worker._loaded) + len(thread_cache) + len(_worker._process_teardowns)
+
+
+def add_one_with_state_failing_on_30(n: int, state: dict[str, Any]) -> int:
+    if n == 30:
+        raise ValueError("bad item 30")
+    return n + 1

@@ -115,6 +115,22 @@ def _noop() -> int:
     return os.getpid()
 
 
+class _RecyclingProcessPool(concurrent.futures.ProcessPoolExecutor):
+    """A process pool whose workers exit after `max_tasks_per_child` calls, and are
+    always replaced.
+
+    CPython 3.11 to 3.13 decide whether to replace such a worker from a count of calls
+    completed, not of idle workers (python/cpython#115634): a stale count makes the pool
+    skip the replacement, and once every worker has exited the queued calls wait forever.
+    Every worker is spawned at start-up (see `PoolHandle._create`), so a pool with fewer
+    processes than `max_workers` has lost one, and spawns it again.
+    """
+
+    def _adjust_process_count(self) -> None:
+        if len(self._processes) < self._max_workers:  # type: ignore[attr-defined]
+            self._spawn_process()  # type: ignore[attr-defined]
+
+
 class PoolHandle:
     """One executor as a run sees it.
 
@@ -262,7 +278,9 @@ class PoolHandle:
         context = multiprocessing.get_context(method)
         if method == "forkserver":
             context.set_forkserver_preload(["__main__", "pipeflow._worker"])
-        executor = concurrent.futures.ProcessPoolExecutor(
+        recycling = self.spec.max_tasks_per_child is not None
+        pool_class = _RecyclingProcessPool if recycling else concurrent.futures.ProcessPoolExecutor
+        executor = pool_class(
             self.spec.workers,
             mp_context=context,
             initializer=_worker.init_process_worker,

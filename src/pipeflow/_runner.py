@@ -15,6 +15,7 @@ exit path.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -81,6 +82,14 @@ BACKSTOP_GRACE_S = 1.0
 STUCK_ITEM_WINDOW_S = 10.0
 # How long a stopping run waits for a source blocked on its next item before cancelling it.
 STOP_GRACE_S = 2.0
+# How long the end of a run waits for the workers of its pools to tear its stages down:
+# an ok run waits for busy workers (a lent pool may run other work), a failed or
+# cancelled one only briefly, before its own pools are killed.
+END_OF_RUN_S = 10.0
+END_OF_FAILED_RUN_S = 2.0
+# An end-of-run call holds its worker this long, so that each worker of a process pool
+# takes one call of a round.
+END_LINGER_S = 0.05
 
 
 class Batch(NamedTuple):
@@ -190,20 +199,114 @@ async def _send(send: MemoryObjectSendStream[Any], item: Any) -> float:
     return 0.0
 
 
-def _pull(iterator: Iterator[Any], size: int, interval: float, stop: threading.Event) -> list[Any]:
-    """Up to `size` items; fewer if the source is slow (`interval` after the first item)
-    or the run is stopping (what was taken is still delivered)."""
-    values: list[Any] = []
-    deadline = 0.0
-    for value in iterator:
-        values.append(value)
-        if len(values) >= size or stop.is_set():
-            break
-        if len(values) == 1:
-            deadline = time.monotonic() + interval
-        elif time.monotonic() > deadline:
-            break
-    return values
+class _Puller:
+    """A blocking iterator pulled in a thread of its own, one batch at a time.
+
+    The thread pulls only the items a batch being taken has room for (nothing is read
+    ahead of the run), and each item it has pulled can be taken at once: an iterator
+    that blocks on its next item never holds back the items it already yielded. Items
+    travel through a deque (thread-safe appends and pops, no lock per item); `pulled`
+    is written by the thread only, `granted` and `taken` by the event loop only.
+    """
+
+    def __init__(self, iterator: Iterator[Any], stop: threading.Event) -> None:
+        self.iterator = iterator
+        self.stop = stop
+        self.items: collections.deque[Any] = collections.deque()
+        self.pulled = 0
+        self.granted = 0
+        self.taken = 0
+        self.want_first = False
+        self.ended = False
+        self.error: BaseException | None = None
+        self.quit = False
+        self.cond = threading.Condition(threading.Lock())
+        self.loop = asyncio.get_running_loop()
+        self.changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            self.loop.call_soon_threadsafe(self.changed.set)
+
+    def pull(self) -> None:
+        """The thread's work: pull the items granted, until the iterator ends."""
+        try:
+            iterator, items, stop = self.iterator, self.items, self.stop
+            while True:
+                if self.pulled >= self.granted:
+                    with self.cond:
+                        while self.pulled >= self.granted and not self.quit:
+                            self.cond.wait()
+                if self.quit or stop.is_set():
+                    return
+                try:
+                    value = next(iterator)
+                except StopIteration:
+                    return
+                items.append(value)
+                self.pulled += 1
+                # the loop sets want_first before it looks at the deque, and this reads
+                # it after the append: one of the two sees the other
+                if self.want_first or self.pulled >= self.granted:
+                    self.want_first = False
+                    self._notify()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ended = True
+            self._notify()
+
+    async def _wait_until(self, done: Callable[[], bool], within: float | None) -> None:
+        deadline = None if within is None else self.loop.time() + within
+        while not done():
+            self.changed.clear()
+            if done():
+                return
+            if deadline is None:
+                await self.changed.wait()
+                continue
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                return
+            with anyio.move_on_after(remaining):
+                await self.changed.wait()
+
+    def _grant(self, size: int) -> None:
+        with self.cond:
+            self.granted = self.taken + size
+            self.cond.notify()
+
+    def _take_held(self) -> list[Any]:
+        items = self.items
+        values = [items.popleft() for _ in range(len(items))]
+        self.taken += len(values)
+        return values
+
+    async def take(self, size: int, interval: float) -> list[Any]:
+        """Up to `size` items: the first whenever it comes, then what follows within
+        `interval` (fewer if the iterator is slow, ends, or the run is stopping)."""
+        self._grant(size)
+        self.want_first = True
+        await self._wait_until(lambda: bool(self.items) or self.ended, None)
+        self.want_first = False
+        await self._wait_until(
+            lambda: self.pulled >= self.granted or self.ended or self.stop.is_set(), interval
+        )
+        values = self._take_held()
+        self._grant(0)
+        return values
+
+    async def finish(self) -> list[Any]:
+        """The items pulled until the thread stops, once it is out of the iterator."""
+        self.close()
+        await self._wait_until(lambda: self.ended, None)
+        return self._take_held()
+
+    def close(self) -> None:
+        """Let the thread go as soon as it is out of the iterator."""
+        with self.cond:
+            self.quit = True
+            self.cond.notify()
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -256,6 +359,23 @@ def _sink_error(stage: str, sink: Sink, exc: BaseException) -> PipelineError:
         traceback="",
     )
     error.__cause__ = exc
+    return error
+
+
+def _stage_error(stage: str, failure: Failure, where: str) -> PipelineError:
+    """The error that fails a run when a stage's setup or teardown raised."""
+    error = PipelineError(
+        stage=stage,
+        index=None,
+        item_repr=None,
+        error_type=failure.error_type,
+        error_message=f"{failure.message} ({where})",
+        traceback=failure.traceback,
+    )
+    cause = failure.error
+    if cause.__traceback__ is None and cause.__cause__ is None:
+        cause.__cause__ = RemoteTraceback(failure.traceback)
+    error.__cause__ = cause
     return error
 
 
@@ -344,8 +464,12 @@ class StageRun:
         logger.debug("stage_start", stage=self.name, kind=self.kind, workers=self.workers)
         async with recv, out:
             if self.kind == "async" and stage.setup is not None:
-                state = stage.setup()
-                self.async_state = await state if isinstance(state, Awaitable) else state
+                try:
+                    state = stage.setup()
+                    self.async_state = await state if isinstance(state, Awaitable) else state
+                except Exception as exc:  # as a thread or process stage's setup fails
+                    failure = _worker.Collector.failure_of(exc)
+                    raise _stage_error(self.name, failure, "in setup") from exc
             try:
                 async with anyio.create_task_group() as tg:
                     if stage.ordered:
@@ -355,9 +479,14 @@ class StageRun:
             finally:
                 if self.kind == "async" and stage.setup is not None and stage.teardown:
                     with anyio.CancelScope(shield=True):
-                        result = stage.teardown(self.async_state)
-                        if isinstance(result, Awaitable):
-                            await result
+                        try:
+                            result = stage.teardown(self.async_state)
+                            if isinstance(result, Awaitable):
+                                await result
+                        except Exception as exc:  # reported at the run's end, as any kind's
+                            self.runner.teardown_failures.append(
+                                (self.name, "event loop", _worker.Collector.failure_of(exc))
+                            )
         logger.debug(
             "stage_end",
             stage=self.name,
@@ -662,6 +791,9 @@ class StageRun:
                 WorkerCrashed(f"the worker process running this item died ({crash.cause})")
             )
         except _ChunkCallError as exc:
+            if isinstance(exc.error, _worker.SetupFailed):  # fails the run, whatever on_error
+                error = _stage_error(self.name, exc.error.failure, "in setup")
+                raise error from error.__cause__
             if len(values) == 1:
                 return self._failed_chunk(exc.error)
             singles = [await self._call_isolating([value], suspect=suspect) for value in values]
@@ -933,6 +1065,8 @@ class Runner:
         self._stop_pulling = threading.Event()
         self._source_scope = anyio.CancelScope()
         self._source_bytes = _ByteGauge()
+        # (stage, worker, failure) of each teardown that raised
+        self.teardown_failures: list[tuple[str, str, Failure]] = []
 
     # --- hooks the stages call ---
 
@@ -979,6 +1113,7 @@ class Runner:
         started = time.perf_counter()
         logger.info("run_start", pipeline=report.name, stages=[s.name for s in self.stages])
         ok = False
+        teardown_error: PipelineError | None = None
         try:
             await self._start_pools()
             async with anyio.create_task_group() as outer:
@@ -1004,7 +1139,11 @@ class Runner:
         finally:
             report.wall_s = time.perf_counter() - started
             with anyio.CancelScope(shield=True):
+                await self._end_stages(ok=ok)
                 await self._shutdown_pools(kill=not ok)
+            teardown_error = self._report_teardown_failures(failing=not ok)
+            if teardown_error is not None:
+                self._fail(report, teardown_error)
             self._count_in_flight()
             logger.info(
                 "run_end",
@@ -1014,6 +1153,8 @@ class Runner:
                 items_read=report.items_read,
                 items_written=report.items_written,
             )
+        if teardown_error is not None:
+            raise teardown_error from teardown_error.__cause__
         return report
 
     @staticmethod
@@ -1038,11 +1179,86 @@ class Runner:
             if stage.pool is not None:
                 stage.report.pool_start_s = stage.pool.start_s
 
-    async def _shutdown_pools(self, *, kill: bool) -> None:
+    # --- the end of a run ---
+
+    async def _end_stages(self, *, ok: bool) -> None:
+        """Tear down what this run's stages set up in each worker, and drop their cached
+        callables, whoever owns the pool: a pool that outlives the run keeps nothing."""
         for stage in self.stages:
-            if stage.call is not None and stage.pool is not None and not stage.pool.remote:
-                for teardown, state in _worker.thread_teardowns(stage.call.key):
-                    await anyio.to_thread.run_sync(teardown, state)
+            call, pool = stage.call, stage.pool
+            if call is None or pool is None:
+                continue
+            if not pool.remote:
+                for worker, teardown, state in _worker.thread_teardowns(call.key):
+                    try:
+                        await anyio.to_thread.run_sync(teardown, state)
+                    except Exception as exc:
+                        failure = _worker.Collector.failure_of(exc)
+                        self.teardown_failures.append((stage.name, worker, failure))
+            elif pool.kind == "process" and (stage.stage.setup is not None or not pool.owned):
+                # a pool the run created and ends keeps no callable: only state matters
+                pending = {f"pid {pid}" for pid in pool.pids()}
+                with anyio.move_on_after(END_OF_RUN_S if ok else END_OF_FAILED_RUN_S):
+                    await self._end_in_processes(stage, pool, call.key, pending)
+                if pending and stage.stage.teardown is not None:
+                    logger.warning(
+                        "teardown_skipped",
+                        stage=stage.name,
+                        workers=sorted(pending),
+                        hint="these workers stayed busy; they tear down only if they exit normally",
+                    )
+
+    async def _end_in_processes(
+        self, stage: StageRun, pool: PoolHandle, key: str, pending: set[str]
+    ) -> None:
+        """Send end-of-run calls until every worker in `pending` has taken one or exited.
+
+        A process pool cannot address its workers, so the calls go in rounds of one per
+        worker still pending, each holding its worker a moment so that the others take
+        the rest of the round. A worker that exits meanwhile (recycled after
+        max_tasks_per_child calls) runs its teardown as it exits.
+        """
+        loop = asyncio.get_running_loop()
+        linger = END_LINGER_S if len(pending) > 1 else 0.0
+        while pending:
+            executor = pool.executor
+            if executor is None:
+                return
+            try:
+                calls = [
+                    loop.run_in_executor(executor, _worker.end_stage, key, linger) for _ in pending
+                ]
+            except (BrokenProcessPool, RuntimeError):
+                return  # a broken or shut-down pool has no worker left to reach
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            for result in results:
+                if isinstance(result, _worker.StageEnd):
+                    pending.discard(result.worker)
+                    if result.failure is not None:
+                        self.teardown_failures.append((stage.name, result.worker, result.failure))
+                elif isinstance(result, asyncio.CancelledError):
+                    raise result
+                else:
+                    return  # the pool broke: its workers are gone, and their state with them
+            pending &= {f"pid {pid}" for pid in pool.pids()}
+
+    def _report_teardown_failures(self, *, failing: bool) -> PipelineError | None:
+        """Log each failed teardown; return the error that fails a run that was ok."""
+        for stage, worker, failure in self.teardown_failures:
+            logger.warning(
+                "teardown_error",
+                stage=stage,
+                worker=worker,
+                error=failure.error_type,
+                message=failure.message,
+                traceback=failure.traceback,
+            )
+        if failing or not self.teardown_failures:
+            return None
+        stage, worker, failure = self.teardown_failures[0]
+        return _stage_error(stage, failure, f"in teardown, worker {worker}")
+
+    async def _shutdown_pools(self, *, kill: bool) -> None:
         for pool in self.pools.values():
             await anyio.to_thread.run_sync(functools.partial(pool.shutdown, kill=kill))
 
@@ -1136,28 +1352,49 @@ class Runner:
         report.items_read += len(values)
 
     async def _pump_sync(self, source: Iterable[Any], send: MemoryObjectSendStream[Batch]) -> None:
-        in_memory = isinstance(source, range | list | tuple)
         iterator = iter(source)
-        size = 1
         stop = self._stop_pulling
         try:
-            while not stop.is_set():
-                if in_memory:
+            if isinstance(source, range | list | tuple):
+                size = 1
+                while not stop.is_set():
                     values = list(itertools.islice(iterator, size))
-                else:
-                    # a generator may block (files, sockets): pull it in a worker thread
-                    values = await anyio.to_thread.run_sync(
-                        _pull, iterator, size, FLUSH_INTERVAL_S, stop, abandon_on_cancel=True
-                    )
-                if not values:
-                    return
-                await self._deliver(send, values)
-                size = min(size * 2, self._max_source_batch())
+                    if not values:
+                        return
+                    await self._deliver(send, values)
+                    size = min(size * 2, self._max_source_batch())
+            else:
+                # a generator may block (files, sockets): pull it in a thread of its own
+                await self._pump_puller(_Puller(iterator, stop), send)
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
                 with contextlib.suppress(ValueError):  # still running in an abandoned thread
                     close()
+
+    async def _pump_puller(self, puller: _Puller, send: MemoryObjectSendStream[Batch]) -> None:
+        size = 1
+        try:
+            async with anyio.create_task_group() as tg:
+                # abandoned if cancelled while the iterator blocks: it ends when it returns
+                tg.start_soon(
+                    functools.partial(anyio.to_thread.run_sync, abandon_on_cancel=True),
+                    puller.pull,
+                )
+                while not puller.ended:
+                    if self._stop_pulling.is_set():
+                        # the item being pulled is delivered too (or dropped when the
+                        # stop's grace period cancels the source)
+                        values = await puller.finish()
+                    else:
+                        values = await puller.take(size, FLUSH_INTERVAL_S)
+                    if values:
+                        await self._deliver(send, values)
+                    size = min(size * 2, self._max_source_batch())
+        finally:
+            puller.close()
+        if puller.error is not None:
+            raise puller.error
 
     async def _pump_async(
         self,

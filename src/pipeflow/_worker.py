@@ -7,6 +7,7 @@ failing item never fails its chunk-mates.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import pickle
@@ -24,7 +25,16 @@ import cloudpickle
 
 from ._errors import ItemTimeout
 
-__all__ = ["ChunkResult", "Failure", "StageCall", "init_process_worker", "run_chunk"]
+__all__ = [
+    "ChunkResult",
+    "Failure",
+    "SetupFailed",
+    "StageCall",
+    "StageEnd",
+    "end_stage",
+    "init_process_worker",
+    "run_chunk",
+]
 
 
 @dataclass(frozen=True)
@@ -162,17 +172,44 @@ def _load(obj: Any) -> Any:
     return cloudpickle.loads(obj) if isinstance(obj, bytes) else obj
 
 
-def _teardown_at_exit(teardown: Callable[[Any], Any], state: Any) -> None:
+# A process worker's teardowns still to run, by stage key: by the run's end-of-run call
+# (see end_stage), or when the worker exits first (recycled by max_tasks_per_child).
+_process_teardowns: dict[str, tuple[Callable[[Any], Any], Any, Any]] = {}
+
+
+def _teardown_at_exit(key: str, teardown: Callable[[Any], Any], state: Any) -> None:
     import multiprocessing.util
 
-    # Runs when the worker process exits normally (after the pool's shutdown sentinel).
-    multiprocessing.util.Finalize(None, teardown, args=(state,), exitpriority=10)
+    # Runs when the worker process exits normally (after the pool's shutdown sentinel,
+    # or its last call under max_tasks_per_child).
+    finalizer = multiprocessing.util.Finalize(
+        None, _teardown_reporting, args=(key, teardown, state), exitpriority=10
+    )
+    _process_teardowns[key] = (teardown, state, finalizer)
+
+
+def _teardown_reporting(key: str, teardown: Callable[[Any], Any], state: Any) -> None:
+    """Run a teardown as its worker exits: nobody waits for a result then, so a failure
+    is written to the worker's stderr with the stage and the worker."""
+    _process_teardowns.pop(key, None)
+    try:
+        teardown(state)
+    except Exception as exc:
+        stage = key.split(":", 1)[-1]
+        print(
+            f"pipeflow: teardown of stage {stage!r} failed in worker pid {os.getpid()} "
+            f"as it exited:\n{user_traceback(exc)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _stage_fn(call: StageCall) -> tuple[Callable[..., Any], Any, bool]:
     """The callable, its per-worker state and whether it takes state, loaded once."""
     cache: dict[str, tuple[Callable[..., Any], Any, bool]]
-    if _in_process_worker:
+    # a pickled callable came to a process (a lent pool's worker has no pipeflow initializer)
+    in_process = _in_process_worker or isinstance(call.fn, bytes)
+    if in_process:
         cache = _loaded
     else:
         cache = getattr(_thread_loaded, "cache", None) or {}
@@ -181,29 +218,95 @@ def _stage_fn(call: StageCall) -> tuple[Callable[..., Any], Any, bool]:
     if entry is None:
         fn = _load(call.fn)
         has_state = call.setup is not None
-        state = _load(call.setup)() if has_state else None
-        if has_state and call.teardown is not None:
-            teardown = _load(call.teardown)
-            if _in_process_worker:
-                _teardown_at_exit(teardown, state)
-            else:
-                with _loaded_lock:
-                    _thread_states.append((teardown, state, call.key))
+        try:
+            state = _load(call.setup)() if has_state else None
+        except Exception as exc:
+            raise SetupFailed(_portable_failure(exc)) from None
+        teardown = _load(call.teardown) if has_state and call.teardown is not None else None
+        if in_process:
+            if teardown is not None:
+                _teardown_at_exit(call.key, teardown, state)
+        else:
+            # every entry is registered, so that the run's end drops it from this
+            # thread's cache even when the thread outlives the run (a lent pool)
+            with _loaded_lock:
+                ended = call.key in _ended_keys
+                if not ended:
+                    _thread_states.append((call.key, cache, teardown, state, _worker_name()))
+            if ended:  # a call its run no longer waits for: leave nothing behind
+                if teardown is not None:
+                    teardown(state)
+                raise RuntimeError(f"stage {call.key!r} was called after its run ended")
         entry = (fn, state, has_state)
         cache[call.key] = entry
     return entry
 
 
-# Thread workers' states, torn down by the run that created them (see thread_teardowns).
-_thread_states: list[tuple[Callable[[Any], Any], Any, str]] = []
+# Thread workers' cache entries, dropped (and torn down) by the run that created them.
+_thread_states: list[tuple[str, dict[str, Any], Callable[[Any], Any] | None, Any, str]] = []
 
 
-def thread_teardowns(key: str) -> list[tuple[Callable[[Any], Any], Any]]:
-    """Remove and return the (teardown, state) pairs that thread workers made for `key`."""
+# The keys of stages whose run has ended, so that a thread still running a call of that
+# run does not set the stage up again (bounded: such calls come just after the end).
+_ended_keys: collections.deque[str] = collections.deque(maxlen=256)
+
+
+def thread_teardowns(key: str) -> list[tuple[str, Callable[[Any], Any], Any]]:
+    """Drop every thread worker's cached entry for `key`, and return the (worker,
+    teardown, state) triples still to run for them."""
     with _loaded_lock:
-        mine = [(t, s) for t, s, k in _thread_states if k == key]
-        _thread_states[:] = [e for e in _thread_states if e[2] != key]
-    return mine
+        _ended_keys.append(key)
+        mine = [e for e in _thread_states if e[0] == key]
+        _thread_states[:] = [e for e in _thread_states if e[0] != key]
+    for _, cache, _, _, _ in mine:
+        cache.pop(key, None)
+    return [(worker, t, state) for _, _, t, state, worker in mine if t is not None]
+
+
+class SetupFailed(Exception):
+    """A stage's setup raised in a worker: the stage cannot run there, whatever the item."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure)
+        self.failure = failure
+
+
+def _portable_failure(exc: BaseException) -> Failure:
+    """`exc` as a Failure that can travel back from any process, a lent pool's too."""
+    failure = _failure(0, exc)
+    exc.__traceback__ = None
+    failure.error = _portable(exc)
+    return failure
+
+
+@dataclass
+class StageEnd:
+    """What ending a stage did in one process worker (see end_stage)."""
+
+    worker: str
+    loaded: bool
+    failure: Failure | None
+
+
+def end_stage(key: str, linger: float = 0.0) -> StageEnd:
+    """End a run's stage in this process worker: run its teardown, drop its callable and
+    state. Holds the worker for `linger` seconds after, so that the other end-of-run
+    calls of the same round reach the other workers.
+    """
+    loaded = _loaded.pop(key, None) is not None
+    failure = None
+    pending = _process_teardowns.pop(key, None)
+    if pending is not None:
+        teardown, state, finalizer = pending
+        finalizer.cancel()
+        try:
+            teardown(state)
+        except Exception as exc:
+            failure = _portable_failure(exc)
+        del teardown, state
+    if linger:
+        time.sleep(linger)
+    return StageEnd(f"pid {os.getpid()}", loaded, failure)
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -265,6 +368,11 @@ class Collector:
             produced = list(result)
             self.outputs.extend(produced)
             self.kept.extend([position] * len(produced))  # type: ignore[union-attr]
+
+    @staticmethod
+    def failure_of(exc: BaseException) -> Failure:
+        """`exc` as a Failure (outside any chunk: a setup or a teardown)."""
+        return _failure(0, exc)
 
     def fail(self, position: int, exc: BaseException) -> None:
         """Record the exception the item at `position` raised."""
