@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -50,6 +51,34 @@ async def test_three_kinds_mixed_over_10000_items_keep_order() -> None:
     report = await pipeline.run(range(10_000), progress=report_holder.append)
     assert [s.items_out for s in report.stages] == [10_000, 10_000, 10_000]
     assert report.items_written == 10_000 and report.status == "ok"
+
+
+async def test_async_stage_runs_at_most_workers_coroutines_at_once() -> None:
+    running = {"a": 0, "b": 0}
+    peak = {"a": 0, "b": 0}
+
+    def counted(stage: str, step: int) -> Any:
+        async def tag(n: int) -> int:
+            running[stage] += 1
+            peak[stage] = max(peak[stage], running[stage])
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()
+            running[stage] -= 1
+            return n + step
+
+        return tag
+
+    pipeline = Pipeline(
+        [
+            Stage(counted("a", 1), name="a", kind="async", workers=4),
+            Stage(counted("b", 10), name="b", kind="async", workers=3, ordered=False),
+        ]
+    )
+    with anyio.fail_after(30):
+        results = await pipeline.collect(range(2_000))
+    assert sorted(results) == [n + 11 for n in range(2_000)]
+    # the chunks of a stage share its workers, and they are all used
+    assert peak == {"a": 4, "b": 3}
 
 
 async def test_unordered_stage_delivers_every_item() -> None:

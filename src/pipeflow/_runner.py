@@ -71,7 +71,9 @@ FLUSH_INTERVAL_S = 0.05
 # `batch: auto` aims for executor calls this long: long enough to hide the call's
 # overhead (~100 µs for a process pool), short enough to keep results flowing.
 TARGET_CALL_S = {"process": 0.05, "executor": 0.05, "dask": 0.05, "thread": 0.02, "async": 0.0}
-MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 1}
+# An async stage's chunk is run by up to `workers` tasks of its own (see _call_async), so
+# its size costs no concurrency: it only bounds the items held before their results go on.
+MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 256}
 PROGRESS_INTERVAL_S = 0.2
 SAMPLE_CALLS = 16
 # A process worker interrupts an item past its timeout itself; the parent's deadline for
@@ -158,9 +160,10 @@ class _ChunkSizer:
 
     def __init__(self, fixed: int | None, kind: str) -> None:
         self.fixed = fixed
-        self.size = fixed or 1
         self.target = TARGET_CALL_S[kind]
         self.limit = MAX_CHUNK[kind]
+        # with no time to aim for (async), a chunk is as large as the limit allows
+        self.size = fixed or (self.limit if self.target == 0 else 1)
         self.per_item: float | None = None
         self.by_time = self.size
         self.bytes = _ByteGauge()
@@ -399,8 +402,12 @@ class StageRun:
         self.worker_timed = (
             stage.timeout is not None and self.kind == "process" and _worker.ITEM_TIMERS
         )
+        # an async stage times each coroutine of a chunk itself (see _call_async)
         one_per_call = (
-            stage.timeout is not None and not self.worker_timed and stage.op != "map_batch"
+            stage.timeout is not None
+            and not self.worker_timed
+            and stage.op != "map_batch"
+            and self.kind != "async"
         )
         fixed = 1 if one_per_call else (None if stage.batch == "auto" else int(stage.batch))
         self.sizer = _ChunkSizer(fixed, self.kind)
@@ -418,6 +425,9 @@ class StageRun:
         # asyncio's own primitives on the per-chunk path: anyio's look up the running
         # backend on every call, which costs more than the rest of a thread-pool call
         self.limiter = asyncio.Semaphore(self.in_flight)
+        # an async stage's lanes (see _call_async): each runs one coroutine at a time
+        self.lanes_free = self.workers
+        self.lane_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.report = StageReport(
             name=self.name, kind=self.kind, workers=self.workers, queue_size=stage.queue_size
         )
@@ -617,7 +627,11 @@ class StageRun:
                 values.extend(more.values)
             count = len(values)
             report.items_in += count
-            if recv.statistics().current_buffer_used == 0 and self.workers > 1:
+            if (
+                recv.statistics().current_buffer_used == 0
+                and self.workers > 1
+                and self.kind != "async"  # its lanes share a chunk between the workers
+            ):
                 # nothing else waits: share this batch between the workers
                 size = min(size, math.ceil(count / self.workers))
             if count <= size:
@@ -985,23 +999,97 @@ class StageRun:
             except Exception as exc:
                 collector.fail_batch(values, exc)
             return collector.result(started)
-        for position, value in enumerate(values):
+        # The chunk's coroutines are run by lanes: tasks that each take the next item
+        # until none is left, one coroutine at a time. A lane holds one of the stage's
+        # `workers` lanes, so that at most `workers` coroutines of the stage run at once.
+        # The chunk's own task is its first lane; more start only once that lane has let
+        # the loop run with items left (a coroutine waited), so that coroutines that never
+        # wait run a whole chunk in one task.
+        count = len(values)
+        outcomes: list[Any] = [None] * count
+        state = self.async_state
+        next_position = 0
+
+        async def lane() -> None:
+            nonlocal next_position
             try:
-                call = fn(value, self.async_state) if has_state else fn(value)
-                if timeout is None:
-                    result = await call
-                else:
-                    with anyio.fail_after(timeout):
-                        result = await call
-                collector.add(position, value, result)
-            except TimeoutError as exc:
-                if timeout is not None:
-                    collector.fail(position, ItemTimeout(f"timed out after {timeout:g}s"))
-                else:
-                    collector.fail(position, exc)
-            except Exception as exc:
-                collector.fail(position, exc)
+                while next_position < count:
+                    position = next_position
+                    next_position += 1
+                    value = values[position]
+                    try:
+                        call = fn(value, state) if has_state else fn(value)
+                        if timeout is None:
+                            outcomes[position] = await call
+                        else:
+                            with anyio.fail_after(timeout):
+                                outcomes[position] = await call
+                    except TimeoutError as exc:
+                        outcomes[position] = _AsyncFailure(
+                            exc if timeout is None else ItemTimeout(f"timed out after {timeout:g}s")
+                        )
+                    except Exception as exc:
+                        outcomes[position] = _AsyncFailure(exc)
+                    if growing and next_position < count:
+                        grow()
+            finally:
+                self._release_lane()
+
+        growing = False
+
+        def grow() -> None:
+            nonlocal growing
+            growing = True
+            spare = count - next_position
+            while spare > 0 and self.lanes_free > 0 and not self.lane_waiters:
+                self.lanes_free -= 1
+                spare -= 1
+                tg.start_soon(lane)
+
+        await self._take_lane()
+        loop = asyncio.get_running_loop()
+        async with anyio.create_task_group() as tg:
+            handle = loop.call_soon(grow)
+            try:
+                await lane()
+            finally:
+                handle.cancel()
+        for position, outcome in enumerate(outcomes):
+            if type(outcome) is _AsyncFailure:
+                collector.fail(position, outcome.error)
+            else:
+                collector.add(position, values[position], outcome)
         return collector.result(started)
+
+    async def _take_lane(self) -> None:
+        if self.lanes_free > 0 and not self.lane_waiters:
+            self.lanes_free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lane_waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release_lane()  # handed over as this was cancelled: pass it on
+            else:
+                waiter.cancel()
+            raise
+
+    def _release_lane(self) -> None:
+        waiters = self.lane_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.lanes_free += 1
+
+
+class _AsyncFailure(NamedTuple):
+    """What an async stage's coroutine raised, in place of its result."""
+
+    error: BaseException
 
 
 class _DirectCall(NamedTuple):
