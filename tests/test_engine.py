@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import threading
 from typing import Any
 
 import anyio
@@ -258,6 +259,32 @@ async def test_async_iterable_source_and_slow_source_still_streams() -> None:
                 seen.append(value)
                 first_seen.set()
     assert seen == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+async def test_slow_source_item_reaches_the_consumer_while_the_stage_is_idle(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a flush longer than the test may take: each item must go on because the stage is
+    # idle, not because its batch waited long enough for company
+    monkeypatch.setattr(pipeflow._runner, "FLUSH_INTERVAL_S", 3600.0)
+    received = [threading.Event() for _ in range(6)]
+
+    def lockstep():  # type: ignore[no-untyped-def]
+        for n in range(6):
+            yield n
+            # the next item only once the consumer has this one
+            if not received[n].wait(30):
+                raise RuntimeError(f"item {n} did not reach the consumer")
+
+    pipeline = Pipeline([Stage(fns.square, kind=kind, workers=2)])
+    seen = []
+    with anyio.fail_after(30):
+        async with pipeline.stream(lockstep()) as results:
+            async for value in results:
+                received[len(seen)].set()
+                seen.append(value)
+    assert seen == [n * n for n in range(6)]
 
 
 def test_run_sync_runs_without_a_loop() -> None:

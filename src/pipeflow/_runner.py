@@ -285,15 +285,17 @@ class _Puller:
         self.taken += len(values)
         return values
 
-    async def take(self, size: int, interval: float) -> list[Any]:
+    async def take(self, size: int, interval: float, idle: Callable[[], bool]) -> list[Any]:
         """Up to `size` items: the first whenever it comes, then what follows within
-        `interval` (fewer if the iterator is slow, ends, or the run is stopping)."""
+        `interval` (fewer if the iterator is slow, ends, or the run is stopping), or at
+        once while `idle()` is true (`changed` is set when it becomes true)."""
         self._grant(size)
         self.want_first = True
         await self._wait_until(lambda: bool(self.items) or self.ended, None)
         self.want_first = False
         await self._wait_until(
-            lambda: self.pulled >= self.granted or self.ended or self.stop.is_set(), interval
+            lambda: self.pulled >= self.granted or self.ended or self.stop.is_set() or idle(),
+            interval,
         )
         values = self._take_held()
         self._grant(0)
@@ -428,6 +430,10 @@ class StageRun:
         # an async stage's lanes (see _call_async): each runs one coroutine at a time
         self.lanes_free = self.workers
         self.lane_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # true while the stage holds a free slot and waits for input; `on_hungry` is
+        # called as it starts to wait (the source hands over what it holds at once)
+        self.hungry = False
+        self.on_hungry: Callable[[], None] | None = None
         self.report = StageReport(
             name=self.name, kind=self.kind, workers=self.workers, queue_size=stage.queue_size
         )
@@ -520,7 +526,6 @@ class StageRun:
         stage_call = self.call
         async with slots_send:
             async for chunk in self._chunks(recv):
-                await self.limiter.acquire()
                 if direct is not None and stage_call is not None:
                     # no task per chunk: the emitter awaits the executor's own future
                     call = loop.run_in_executor(direct, _worker.run_chunk, stage_call, chunk.values)
@@ -580,7 +585,6 @@ class StageRun:
         out: MemoryObjectSendStream[Batch],
     ) -> None:
         async for chunk in self._chunks(recv):
-            await self.limiter.acquire()
             tg.start_soon(self._process_and_send, chunk, out)
 
     async def _process_and_send(self, chunk: Batch, out: MemoryObjectSendStream[Batch]) -> None:
@@ -592,53 +596,74 @@ class StageRun:
             self.report.blocked_s += await _send(out, output)
 
     async def _chunks(self, recv: MemoryObjectReceiveStream[Batch]) -> Any:
-        """Chunks to run: what arrives, merged with what already waits, split to size."""
+        """Chunks to run, each holding a slot of `limiter` (its taker releases it).
+
+        A chunk is formed once a slot is free, from what arrives merged with what waits
+        then, split to size: under load batches wait in the queue and merge into chunks
+        of the stage's own size; an idle stage runs what comes at once.
+        """
         report = self.report
+        indices: Sequence[int] = ()
+        values: list[Any] = []
+        start = size = 0
         while True:
-            try:
-                batch = recv.receive_nowait()
-            except anyio.WouldBlock:
-                started = time.perf_counter()
+            await self.limiter.acquire()
+            if start >= len(values):
                 try:
-                    batch = await recv.receive()
+                    batch = recv.receive_nowait()
+                except anyio.WouldBlock:
+                    started = time.perf_counter()
+                    self.hungry = True
+                    if self.on_hungry is not None:
+                        self.on_hungry()
+                    try:
+                        batch = await recv.receive()
+                    except anyio.EndOfStream:
+                        self.limiter.release()
+                        return
+                    finally:
+                        self.hungry = False
+                    report.idle_s += time.perf_counter() - started
                 except anyio.EndOfStream:
+                    self.limiter.release()
                     return
-                report.idle_s += time.perf_counter() - started
-            except anyio.EndOfStream:
-                return
-            # the fill before this receive: what is left, plus the batch just taken (a
-            # waiting sender's batch may already have taken its place: the bound caps it)
-            waiting = min(recv.statistics().current_buffer_used + 1, report.queue_size)
-            if waiting > report.queue_high_water:
-                report.queue_high_water = waiting
-            indices, values = batch
-            self.sizer.observe_values(values)
-            size = self.sizer.size
-            merged = False
-            while len(values) < size:  # merge what already waits, never wait for more
-                try:
-                    more = recv.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
-                if not merged:
-                    indices, values, merged = list(indices), list(values), True
-                assert isinstance(indices, list)
-                indices.extend(more.indices)
-                values.extend(more.values)
-            count = len(values)
-            report.items_in += count
-            if (
-                recv.statistics().current_buffer_used == 0
-                and self.workers > 1
-                and self.kind != "async"  # its lanes share a chunk between the workers
-            ):
-                # nothing else waits: share this batch between the workers
-                size = min(size, math.ceil(count / self.workers))
-            if count <= size:
-                yield Batch(indices, values)
-                continue
-            for start in range(0, count, size):
-                yield Batch(indices[start : start + size], values[start : start + size])
+                # the fill before this receive: what is left, plus the batch just taken (a
+                # waiting sender's batch may already have taken its place: the bound caps it)
+                waiting = min(recv.statistics().current_buffer_used + 1, report.queue_size)
+                if waiting > report.queue_high_water:
+                    report.queue_high_water = waiting
+                indices, values = batch
+                self.sizer.observe_values(values)
+                size = self.sizer.size
+                merged = False
+                while len(values) < size:  # merge what already waits, never wait for more
+                    try:
+                        more = recv.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                    if not merged:
+                        indices, values, merged = list(indices), list(values), True
+                    assert isinstance(indices, list)
+                    indices.extend(more.indices)
+                    values.extend(more.values)
+                count = len(values)
+                report.items_in += count
+                start = 0
+                if (
+                    recv.statistics().current_buffer_used == 0
+                    and self.workers > 1
+                    and self.kind != "async"  # its lanes share a chunk between the workers
+                ):
+                    # nothing else waits: share this batch between the workers
+                    size = min(size, math.ceil(count / self.workers))
+                if count <= size:
+                    start = count
+                    yield Batch(indices, values)
+                    continue
+            end = start + size
+            chunk = Batch(indices[start:end], values[start:end])
+            start = end
+            yield chunk
 
     # --- one chunk ---
 
@@ -1434,6 +1459,8 @@ class Runner:
         report = self.report
         index = report.items_read
         self._source_bytes.observe(values)
+        if self.stages:
+            self.stages[0].hungry = False  # it has this batch to run, whether it woke yet
         report.source_blocked_s += await _send(
             send, Batch(range(index, index + len(values)), values)
         )
@@ -1462,6 +1489,14 @@ class Runner:
 
     async def _pump_puller(self, puller: _Puller, send: MemoryObjectSendStream[Batch]) -> None:
         size = 1
+        # a batch waits for company (FLUSH_INTERVAL_S) only while the first stage is busy
+        first = self.stages[0] if self.stages else None
+        if first is not None:
+            first.on_hungry = puller.changed.set
+
+        def idle() -> bool:
+            return first is not None and first.hungry
+
         try:
             async with anyio.create_task_group() as tg:
                 # abandoned if cancelled while the iterator blocks: it ends when it returns
@@ -1475,7 +1510,7 @@ class Runner:
                         # stop's grace period cancels the source)
                         values = await puller.finish()
                     else:
-                        values = await puller.take(size, FLUSH_INTERVAL_S)
+                        values = await puller.take(size, FLUSH_INTERVAL_S, idle)
                     if values:
                         await self._deliver(send, values)
                     size = min(size * 2, self._max_source_batch())
