@@ -287,6 +287,27 @@ async def test_slow_source_item_reaches_the_consumer_while_the_stage_is_idle(
     assert seen == [n * n for n in range(6)]
 
 
+async def test_slow_async_source_item_reaches_the_consumer_while_the_stage_is_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pipeflow._runner, "FLUSH_INTERVAL_S", 3600.0)
+    received = [anyio.Event() for _ in range(6)]
+
+    async def lockstep():  # type: ignore[no-untyped-def]
+        for n in range(6):
+            yield n
+            await received[n].wait()  # the next item only once the consumer has this one
+
+    pipeline = Pipeline([Stage(fns.square, kind="thread", workers=2)])
+    seen = []
+    with anyio.fail_after(30):
+        async with pipeline.stream(lockstep()) as results:
+            async for value in results:
+                received[len(seen)].set()
+                seen.append(value)
+    assert seen == [n * n for n in range(6)]
+
+
 def test_run_sync_runs_without_a_loop() -> None:
     report = Pipeline([Stage(fns.square, kind="thread")]).run_sync(range(10))
     assert report.status == "ok" and report.items_written == 10

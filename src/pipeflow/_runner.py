@@ -1540,6 +1540,8 @@ class Runner:
                     with anyio.CancelScope(shield=True):
                         await aclose()
 
+        # a batch waits for company (FLUSH_INTERVAL_S) only while the first stage is busy
+        first = self.stages[0] if self.stages else None
         async with anyio.create_task_group() as tg, items_recv:
             tg.start_soon(pull)
             size = 1
@@ -1562,14 +1564,19 @@ class Runner:
                     except anyio.WouldBlock:
                         pass
                     remaining = deadline - anyio.current_time()
-                    if remaining <= 0:
+                    if remaining <= 0 or (first is not None and first.hungry):
                         break
-                    with anyio.move_on_after(remaining):
+                    with anyio.move_on_after(remaining) as waiting:
+                        if first is not None:  # the first stage is busy until it calls
+                            first.on_hungry = waiting.cancel
                         try:
                             values.append(await items_recv.receive())
                         except anyio.EndOfStream:
                             ended = True
                             break
+                        finally:
+                            if first is not None:
+                                first.on_hungry = None
                 if self._stop.is_set():
                     with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
                         values.append(items_recv.receive_nowait())
