@@ -1540,7 +1540,7 @@ class Runner:
                     with anyio.CancelScope(shield=True):
                         await aclose()
 
-        # a batch waits for company (FLUSH_INTERVAL_S) only while the first stage is busy
+        # a batch waits for company (FLUSH_INTERVAL_S) only if the first stage is busy
         first = self.stages[0] if self.stages else None
         async with anyio.create_task_group() as tg, items_recv:
             tg.start_soon(pull)
@@ -1566,17 +1566,14 @@ class Runner:
                     remaining = deadline - anyio.current_time()
                     if remaining <= 0 or (first is not None and first.hungry):
                         break
-                    with anyio.move_on_after(remaining) as waiting:
-                        if first is not None:  # the first stage is busy until it calls
-                            first.on_hungry = waiting.cancel
+                    # (not woken when the stage turns idle: cancelling a receive could
+                    # lose the item being handed over)
+                    with anyio.move_on_after(remaining):
                         try:
                             values.append(await items_recv.receive())
                         except anyio.EndOfStream:
                             ended = True
                             break
-                        finally:
-                            if first is not None:
-                                first.on_hungry = None
                 if self._stop.is_set():
                     with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
                         values.append(items_recv.receive_nowait())
