@@ -1,8 +1,10 @@
-"""The benchmark harness still runs: a quick trivial-map pass prints its table and targets."""
+"""The benchmark harness still runs: a quick pass over a few workloads, two rotated rounds."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,35 +12,66 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PEERS = ("mpire", "pypeln")
+PEERS = ("aiostream", "psutil")
+WORKLOADS = ("async", "latency", "large")
 
 
-@pytest.mark.timeout(60)
-def test_quick_trivial_benchmark_prints_table_and_exits_0() -> None:
+@pytest.mark.timeout(90)
+def test_quick_benchmark_rotates_rounds_and_prints_every_target(tmp_path: Path) -> None:
     missing = [m for m in PEERS if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(
             f"benchmark peers not installed: {', '.join(missing)} (pip install -e '.[bench]')"
         )
+    out_json = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--quick", "--only", "trivial"],
+        [
+            sys.executable,
+            "benchmarks/run.py",
+            "--quick",
+            "--rounds",
+            "2",
+            "--only",
+            ",".join(WORKLOADS),
+            "--size",
+            "large=40",
+            "--json",
+            str(out_json),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=50,
+        timeout=80,
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "items/s" in out
-    for runner in (
-        "serial Python",
-        "multiprocessing.Pool.map",
-        "ProcessPoolExecutor.map",
-        "mpire WorkerPool.map",
-        "pypeln process.map",
-        "pipeflow process",
-    ):
-        line = next((ln for ln in out.splitlines() if ln.startswith(runner)), None)
-        assert line is not None, f"no {runner!r} row in:\n{out}"
-        assert "n/a" not in line.split("  note")[0], line
-    assert "pipeflow process >= 0.5x Pool.map items/s" in out
+    assert out.count("load average at start:") == len(WORKLOADS), out
+    assert out.count("load average at end:") == len(WORKLOADS), out
+    assert re.search(r"^elapsed \d+\.\d s", out, re.M), out
+
+    data = json.loads(out_json.read_text())
+    assert data["rounds"] == 2
+    assert list(data["workloads"]) == list(WORKLOADS)
+    for name, workload in data["workloads"].items():
+        first, second = (list(r) for r in workload["rounds"])
+        # every contender ran in both rounds, in an order rotated by one
+        assert sorted(first) == sorted(second), name
+        assert second == first[1:] + first[:1], (name, first, second)
+        for figures in workload["rounds"]:
+            assert all(f["wall_s"] > 0 for f in figures.values()), (name, figures)
+        for target in workload["targets"]:
+            assert len(target["rounds"]) == 2, (name, target)
+            assert target["min"] <= target["median"] <= target["max"], (name, target)
+            line = next((ln for ln in out.splitlines() if f"{target['text']}: median" in ln), None)
+            assert line is not None, f"no line for {target['text']!r} in:\n{out}"
+            assert "min-max" in line and "2 rounds" in line and "goal" in line, line
+            assert re.search(r"\[\s*(info )?(met|MISSED)\]", line), line
+
+    async_round = data["workloads"]["async"]["rounds"][0]
+    assert {"pipeflow async x2, stream()", "asyncio.Queue(100) chain"} <= set(async_round)
+    large = data["workloads"]["large"]["rounds"]
+    for figures in large:
+        for contender in ("pipeflow process, batch auto", "Pool.imap(chunksize=2)"):
+            # 1 MiB items, 2 workers, a fresh interpreter: the tree's peak is tens of MB
+            assert figures[contender]["peak_rss_mb"] > 20, figures
+            assert figures[contender]["mb_per_s"] > 0, figures
