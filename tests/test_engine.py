@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import threading
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -50,6 +52,34 @@ async def test_three_kinds_mixed_over_10000_items_keep_order() -> None:
     report = await pipeline.run(range(10_000), progress=report_holder.append)
     assert [s.items_out for s in report.stages] == [10_000, 10_000, 10_000]
     assert report.items_written == 10_000 and report.status == "ok"
+
+
+async def test_async_stage_runs_at_most_workers_coroutines_at_once() -> None:
+    running = {"a": 0, "b": 0}
+    peak = {"a": 0, "b": 0}
+
+    def counted(stage: str, step: int) -> Any:
+        async def tag(n: int) -> int:
+            running[stage] += 1
+            peak[stage] = max(peak[stage], running[stage])
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()
+            running[stage] -= 1
+            return n + step
+
+        return tag
+
+    pipeline = Pipeline(
+        [
+            Stage(counted("a", 1), name="a", kind="async", workers=4),
+            Stage(counted("b", 10), name="b", kind="async", workers=3, ordered=False),
+        ]
+    )
+    with anyio.fail_after(30):
+        results = await pipeline.collect(range(2_000))
+    assert sorted(results) == [n + 11 for n in range(2_000)]
+    # the chunks of a stage share its workers, and they are all used
+    assert peak == {"a": 4, "b": 3}
 
 
 async def test_unordered_stage_delivers_every_item() -> None:
@@ -230,6 +260,53 @@ async def test_async_iterable_source_and_slow_source_still_streams() -> None:
                 seen.append(value)
                 first_seen.set()
     assert seen == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+async def test_slow_source_item_reaches_the_consumer_while_the_stage_is_idle(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a flush longer than the test may take: each item must go on because the stage is
+    # idle, not because its batch waited long enough for company
+    monkeypatch.setattr(pipeflow._runner, "FLUSH_INTERVAL_S", 3600.0)
+    received = [threading.Event() for _ in range(6)]
+
+    def lockstep():  # type: ignore[no-untyped-def]
+        for n in range(6):
+            yield n
+            # the next item only once the consumer has this one
+            if not received[n].wait(30):
+                raise RuntimeError(f"item {n} did not reach the consumer")
+
+    pipeline = Pipeline([Stage(fns.square, kind=kind, workers=2)])
+    seen = []
+    with anyio.fail_after(30):
+        async with pipeline.stream(lockstep()) as results:
+            async for value in results:
+                received[len(seen)].set()
+                seen.append(value)
+    assert seen == [n * n for n in range(6)]
+
+
+async def test_slow_async_source_item_reaches_the_consumer_while_the_stage_is_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pipeflow._runner, "FLUSH_INTERVAL_S", 3600.0)
+    received = [anyio.Event() for _ in range(6)]
+
+    async def lockstep():  # type: ignore[no-untyped-def]
+        for n in range(6):
+            yield n
+            await received[n].wait()  # the next item only once the consumer has this one
+
+    pipeline = Pipeline([Stage(fns.square, kind="thread", workers=2)])
+    seen = []
+    with anyio.fail_after(30):
+        async with pipeline.stream(lockstep()) as results:
+            async for value in results:
+                received[len(seen)].set()
+                seen.append(value)
+    assert seen == [n * n for n in range(6)]
 
 
 def test_run_sync_runs_without_a_loop() -> None:

@@ -69,7 +69,9 @@ FLUSH_INTERVAL_S = 0.05
 # `batch: auto` aims for executor calls this long: long enough to hide the call's
 # overhead (~100 µs for a process pool), short enough to keep results flowing.
 TARGET_CALL_S = {"process": 0.05, "executor": 0.05, "dask": 0.05, "thread": 0.02, "async": 0.0}
-MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 1}
+# An async stage's chunk is run by up to `workers` tasks of its own (see _call_async), so
+# its size costs no concurrency: it only bounds the items held before their results go on.
+MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 256}
 PROGRESS_INTERVAL_S = 0.2
 SAMPLE_CALLS = 16
 # A process worker interrupts an item past its timeout itself; the parent's deadline for
@@ -156,9 +158,10 @@ class _ChunkSizer:
 
     def __init__(self, fixed: int | None, kind: str) -> None:
         self.fixed = fixed
-        self.size = fixed or 1
         self.target = TARGET_CALL_S[kind]
         self.limit = MAX_CHUNK[kind]
+        # with no time to aim for (async), a chunk is as large as the limit allows
+        self.size = fixed or (self.limit if self.target == 0 else 1)
         self.per_item: float | None = None
         self.by_time = self.size
         self.bytes = _ByteGauge()
@@ -280,15 +283,17 @@ class _Puller:
         self.taken += len(values)
         return values
 
-    async def take(self, size: int, interval: float) -> list[Any]:
+    async def take(self, size: int, interval: float, idle: Callable[[], bool]) -> list[Any]:
         """Up to `size` items: the first whenever it comes, then what follows within
-        `interval` (fewer if the iterator is slow, ends, or the run is stopping)."""
+        `interval` (fewer if the iterator is slow, ends, or the run is stopping), or at
+        once while `idle()` is true (`changed` is set when it becomes true)."""
         self._grant(size)
         self.want_first = True
         await self._wait_until(lambda: bool(self.items) or self.ended, None)
         self.want_first = False
         await self._wait_until(
-            lambda: self.pulled >= self.granted or self.ended or self.stop.is_set(), interval
+            lambda: self.pulled >= self.granted or self.ended or self.stop.is_set() or idle(),
+            interval,
         )
         values = self._take_held()
         self._grant(0)
@@ -409,8 +414,12 @@ class StageRun:
         self.worker_timed = (
             stage.timeout is not None and self.kind == "process" and _worker.ITEM_TIMERS
         )
+        # an async stage times each coroutine of a chunk itself (see _call_async)
         one_per_call = (
-            stage.timeout is not None and not self.worker_timed and stage.op != "map_batch"
+            stage.timeout is not None
+            and not self.worker_timed
+            and stage.op != "map_batch"
+            and self.kind != "async"
         )
         fixed = 1 if one_per_call else (None if stage.batch == "auto" else int(stage.batch))
         self.sizer = _ChunkSizer(fixed, self.kind)
@@ -428,6 +437,13 @@ class StageRun:
         # asyncio's own primitives on the per-chunk path: anyio's look up the running
         # backend on every call, which costs more than the rest of a thread-pool call
         self.limiter = asyncio.Semaphore(self.in_flight)
+        # an async stage's lanes (see _call_async): each runs one coroutine at a time
+        self.lanes_free = self.workers
+        self.lane_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # true while the stage holds a free slot and waits for input; `on_hungry` is
+        # called as it starts to wait (the source hands over what it holds at once)
+        self.hungry = False
+        self.on_hungry: Callable[[], None] | None = None
         self.report = StageReport(
             name=self.name, kind=self.kind, workers=self.workers, queue_size=stage.queue_size
         )
@@ -520,7 +536,6 @@ class StageRun:
         stage_call = self.call
         async with slots_send:
             async for chunk in self._chunks(recv):
-                await self.limiter.acquire()
                 if direct is not None and stage_call is not None:
                     # no task per chunk: the emitter awaits the executor's own future
                     call = loop.run_in_executor(direct, _worker.run_chunk, stage_call, chunk.values)
@@ -584,7 +599,6 @@ class StageRun:
         out: MemoryObjectSendStream[Batch],
     ) -> None:
         async for chunk in self._chunks(recv):
-            await self.limiter.acquire()
             tg.start_soon(self._process_and_send, chunk, out)
 
     async def _process_and_send(self, chunk: Batch, out: MemoryObjectSendStream[Batch]) -> None:
@@ -596,49 +610,74 @@ class StageRun:
             self.report.blocked_s += await _send(out, output)
 
     async def _chunks(self, recv: MemoryObjectReceiveStream[Batch]) -> Any:
-        """Chunks to run: what arrives, merged with what already waits, split to size."""
+        """Chunks to run, each holding a slot of `limiter` (its taker releases it).
+
+        A chunk is formed once a slot is free, from what arrives merged with what waits
+        then, split to size: under load batches wait in the queue and merge into chunks
+        of the stage's own size; an idle stage runs what comes at once.
+        """
         report = self.report
+        indices: Sequence[int] = ()
+        values: list[Any] = []
+        start = size = 0
         while True:
-            try:
-                batch = recv.receive_nowait()
-            except anyio.WouldBlock:
-                started = time.perf_counter()
+            await self.limiter.acquire()
+            if start >= len(values):
                 try:
-                    batch = await recv.receive()
+                    batch = recv.receive_nowait()
+                except anyio.WouldBlock:
+                    started = time.perf_counter()
+                    self.hungry = True
+                    if self.on_hungry is not None:
+                        self.on_hungry()
+                    try:
+                        batch = await recv.receive()
+                    except anyio.EndOfStream:
+                        self.limiter.release()
+                        return
+                    finally:
+                        self.hungry = False
+                    report.idle_s += time.perf_counter() - started
                 except anyio.EndOfStream:
+                    self.limiter.release()
                     return
-                report.idle_s += time.perf_counter() - started
-            except anyio.EndOfStream:
-                return
-            # the fill before this receive: what is left, plus the batch just taken (a
-            # waiting sender's batch may already have taken its place: the bound caps it)
-            waiting = min(recv.statistics().current_buffer_used + 1, report.queue_size)
-            if waiting > report.queue_high_water:
-                report.queue_high_water = waiting
-            indices, values = batch
-            self.sizer.observe_values(values)
-            size = self.sizer.size
-            merged = False
-            while len(values) < size:  # merge what already waits, never wait for more
-                try:
-                    more = recv.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
-                if not merged:
-                    indices, values, merged = list(indices), list(values), True
-                assert isinstance(indices, list)
-                indices.extend(more.indices)
-                values.extend(more.values)
-            count = len(values)
-            report.items_in += count
-            if recv.statistics().current_buffer_used == 0 and self.workers > 1:
-                # nothing else waits: share this batch between the workers
-                size = min(size, math.ceil(count / self.workers))
-            if count <= size:
-                yield Batch(indices, values)
-                continue
-            for start in range(0, count, size):
-                yield Batch(indices[start : start + size], values[start : start + size])
+                # the fill before this receive: what is left, plus the batch just taken (a
+                # waiting sender's batch may already have taken its place: the bound caps it)
+                waiting = min(recv.statistics().current_buffer_used + 1, report.queue_size)
+                if waiting > report.queue_high_water:
+                    report.queue_high_water = waiting
+                indices, values = batch
+                self.sizer.observe_values(values)
+                size = self.sizer.size
+                merged = False
+                while len(values) < size:  # merge what already waits, never wait for more
+                    try:
+                        more = recv.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                    if not merged:
+                        indices, values, merged = list(indices), list(values), True
+                    assert isinstance(indices, list)
+                    indices.extend(more.indices)
+                    values.extend(more.values)
+                count = len(values)
+                report.items_in += count
+                start = 0
+                if (
+                    recv.statistics().current_buffer_used == 0
+                    and self.workers > 1
+                    and self.kind != "async"  # its lanes share a chunk between the workers
+                ):
+                    # nothing else waits: share this batch between the workers
+                    size = min(size, math.ceil(count / self.workers))
+                if count <= size:
+                    start = count
+                    yield Batch(indices, values)
+                    continue
+            end = start + size
+            chunk = Batch(indices[start:end], values[start:end])
+            start = end
+            yield chunk
 
     # --- one chunk ---
 
@@ -1019,25 +1058,99 @@ class StageRun:
             except Exception as exc:
                 collector.fail_batch(values, exc)
             return collector.result(started)
-        for position, value in enumerate(values):
+        # The chunk's coroutines are run by lanes: tasks that each take the next item
+        # until none is left, one coroutine at a time. A lane holds one of the stage's
+        # `workers` lanes, so that at most `workers` coroutines of the stage run at once.
+        # The chunk's own task is its first lane; more start only once that lane has let
+        # the loop run with items left (a coroutine waited), so that coroutines that never
+        # wait run a whole chunk in one task.
+        count = len(values)
+        outcomes: list[Any] = [None] * count
+        state = self.async_state
+        next_position = 0
+
+        async def lane() -> None:
+            nonlocal next_position
             try:
-                call = TimedSteps(
-                    fn(value, self.async_state) if has_state else fn(value), self._loop_blocked
-                )
-                if timeout is None:
-                    result = await call
-                else:
-                    with anyio.fail_after(timeout):
-                        result = await call
-                collector.add(position, value, result)
-            except TimeoutError as exc:
-                if timeout is not None:
-                    collector.fail(position, ItemTimeout(f"timed out after {timeout:g}s"))
-                else:
-                    collector.fail(position, exc)
-            except Exception as exc:
-                collector.fail(position, exc)
+                while next_position < count:
+                    position = next_position
+                    next_position += 1
+                    value = values[position]
+                    try:
+                        call = TimedSteps(
+                            fn(value, state) if has_state else fn(value), self._loop_blocked
+                        )
+                        if timeout is None:
+                            outcomes[position] = await call
+                        else:
+                            with anyio.fail_after(timeout):
+                                outcomes[position] = await call
+                    except TimeoutError as exc:
+                        outcomes[position] = _AsyncFailure(
+                            exc if timeout is None else ItemTimeout(f"timed out after {timeout:g}s")
+                        )
+                    except Exception as exc:
+                        outcomes[position] = _AsyncFailure(exc)
+                    if growing and next_position < count:
+                        grow()
+            finally:
+                self._release_lane()
+
+        growing = False
+
+        def grow() -> None:
+            nonlocal growing
+            growing = True
+            spare = count - next_position
+            while spare > 0 and self.lanes_free > 0 and not self.lane_waiters:
+                self.lanes_free -= 1
+                spare -= 1
+                tg.start_soon(lane)
+
+        await self._take_lane()
+        loop = asyncio.get_running_loop()
+        async with anyio.create_task_group() as tg:
+            handle = loop.call_soon(grow)
+            try:
+                await lane()
+            finally:
+                handle.cancel()
+        for position, outcome in enumerate(outcomes):
+            if type(outcome) is _AsyncFailure:
+                collector.fail(position, outcome.error)
+            else:
+                collector.add(position, values[position], outcome)
         return collector.result(started)
+
+    async def _take_lane(self) -> None:
+        if self.lanes_free > 0 and not self.lane_waiters:
+            self.lanes_free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lane_waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release_lane()  # handed over as this was cancelled: pass it on
+            else:
+                waiter.cancel()
+            raise
+
+    def _release_lane(self) -> None:
+        waiters = self.lane_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.lanes_free += 1
+
+
+class _AsyncFailure(NamedTuple):
+    """What an async stage's coroutine raised, in place of its result."""
+
+    error: BaseException
 
 
 class _DirectCall(NamedTuple):
@@ -1382,6 +1495,8 @@ class Runner:
         report = self.report
         index = report.items_read
         self._source_bytes.observe(values)
+        if self.stages:
+            self.stages[0].hungry = False  # it has this batch to run, whether it woke yet
         report.source_blocked_s += await _send(
             send, Batch(range(index, index + len(values)), values)
         )
@@ -1410,6 +1525,14 @@ class Runner:
 
     async def _pump_puller(self, puller: _Puller, send: MemoryObjectSendStream[Batch]) -> None:
         size = 1
+        # a batch waits for company (FLUSH_INTERVAL_S) only while the first stage is busy
+        first = self.stages[0] if self.stages else None
+        if first is not None:
+            first.on_hungry = puller.changed.set
+
+        def idle() -> bool:
+            return first is not None and first.hungry
+
         try:
             async with anyio.create_task_group() as tg:
                 # abandoned if cancelled while the iterator blocks: it ends when it returns
@@ -1423,7 +1546,7 @@ class Runner:
                         # stop's grace period cancels the source)
                         values = await puller.finish()
                     else:
-                        values = await puller.take(size, FLUSH_INTERVAL_S)
+                        values = await puller.take(size, FLUSH_INTERVAL_S, idle)
                     if values:
                         await self._deliver(send, values)
                     size = min(size * 2, self._max_source_batch())
@@ -1455,6 +1578,8 @@ class Runner:
                     with anyio.CancelScope(shield=True):
                         await aclose()
 
+        # a batch waits for company (FLUSH_INTERVAL_S) only if the first stage is busy
+        first = self.stages[0] if self.stages else None
         async with anyio.create_task_group() as tg, items_recv:
             tg.start_soon(pull)
             size = 1
@@ -1477,8 +1602,10 @@ class Runner:
                     except anyio.WouldBlock:
                         pass
                     remaining = deadline - anyio.current_time()
-                    if remaining <= 0:
+                    if remaining <= 0 or (first is not None and first.hungry):
                         break
+                    # (not woken when the stage turns idle: cancelling a receive could
+                    # lose the item being handed over)
                     with anyio.move_on_after(remaining):
                         try:
                             values.append(await items_recv.receive())
