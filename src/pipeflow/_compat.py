@@ -83,6 +83,32 @@ def close_result_writer(executor: Any) -> None:
         close()
 
 
+def skip_cancelled_calls_when_broken(executor: Any) -> None:
+    """Make a process pool that breaks leave its cancelled calls alone (CPython 3.11).
+
+    CPython 3.11 sets the broken pool's error on every pending call, and a call the run
+    had cancelled raises InvalidStateError in the pool's manager thread, which then dies
+    without ending the pool; 3.12 and later skip cancelled calls themselves. Applied to
+    the manager thread of a pool pipeflow created, once that thread has started.
+    """
+    if sys.version_info >= (3, 12):
+        return
+    thread = getattr(executor, "_executor_manager_thread", None)
+    terminate_broken = getattr(thread, "terminate_broken", None)
+    if thread is None or terminate_broken is None:
+        return
+
+    def terminate_broken_skipping_cancelled(cause: Any) -> None:
+        pending = getattr(thread, "pending_work_items", None)
+        if isinstance(pending, dict):
+            for work_id, item in list(pending.items()):
+                if item.future.cancelled():
+                    pending.pop(work_id, None)
+        terminate_broken(cause)
+
+    thread.terminate_broken = terminate_broken_skipping_cancelled
+
+
 def pool_threads(executor: Any) -> list[threading.Thread]:
     """A thread pool's worker threads; an empty list when the pool does not say."""
     threads = getattr(executor, "_threads", None)

@@ -332,6 +332,7 @@ class PoolHandle:
         # spawn every worker now, so start-up is paid (and measured) before the work
         started = [executor.submit(_noop) for _ in range(self.spec.workers)]
         concurrent.futures.wait(started)
+        _compat.skip_cancelled_calls_when_broken(executor)
         self._processes = _compat.pool_processes(executor)
         if any(future.exception() is not None for future in started):
             death = _cause_of_death(list(self._processes.values()))
