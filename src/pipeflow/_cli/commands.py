@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -45,6 +46,8 @@ _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # after a second signal, how long a run that cannot be cancelled (its event loop held by a
 # stage that never awaits) may take before the command writes the report and exits
 SECOND_SIGNAL_GRACE_S = 5.0
+# How long the command waits at exit for threads that are ending before it takes them for stuck.
+STUCK_THREAD_PATIENCE_S = 1.0
 
 app = typer.Typer(
     name="pipeflow",
@@ -440,8 +443,15 @@ def _exit_on_signals() -> None:
         signal.signal(signum, _exit_on_signal)
 
 
-def _stuck_threads() -> bool:
+def _stuck_threads(patience: float = STUCK_THREAD_PATIENCE_S) -> bool:
+    """Whether a thread the interpreter would wait for at exit is still running after
+    `patience` seconds: a pool's threads that are just ending are not stuck, and taking
+    them for stuck would skip the process's own clean-up at exit."""
     main_thread = threading.main_thread()
+    deadline = time.monotonic() + patience
+    for thread in threading.enumerate():
+        if thread is not main_thread and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
     return any(
         t.is_alive() and not t.daemon and t is not main_thread for t in threading.enumerate()
     )
