@@ -43,10 +43,9 @@ settings.register_profile(
 )
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 
-# The cases the engine gets wrong today; each has an issue-12 fix under way. A case named
-# here is not drawn, so the suite stays green. PIPEFLOW_KNOWN_ENGINE_BUGS=check draws them
-# all (or name some: =process_timeouts,unpicklable_results); empty this set once the fixes
-# are merged.
+# Cases the engine is known to get wrong, left undrawn so the suite stays green while a
+# fix is under way; none today. PIPEFLOW_KNOWN_ENGINE_BUGS=check draws them all anyway (or
+# name some: =process_timeouts,unpicklable_results).
 KNOWN_ENGINE_BUGS: set[str] = set()
 CASES = {
     "process_timeouts",  # a slow item timing out in an own or shared process pool
