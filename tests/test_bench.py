@@ -85,9 +85,13 @@ def test_cpu_heavy_recommends_processes(tmp_path: Path) -> None:
     if best_point(data)["kind"] != "process" and cores < 1.4:
         pytest.skip(f"other load left the 2 processes {cores:.1f} cores: no speed-up to see")
     assert best_point(data)["kind"] == "process", data["recommendation"]
+    assert "Use processes:" in data["recommendation"], data["recommendation"]
+    # the reason "CPU-bound" comes from the thread point's parent burning half a core or
+    # more: other load on the machine can leave it less than that
+    thread_cores = thread["parent_cpu_s"] / thread["wall_s"]["median"]
+    if thread_cores < 0.5:
+        pytest.skip(f"other load left the thread point {thread_cores:.2f} cores")
     assert "Use processes: the stage is CPU-bound" in data["recommendation"]
-    threads = [point for point in data["points"] if point["kind"] == "thread"]
-    assert all(point["parent_cpu_s"] > 0.5 * point["wall_s"]["median"] for point in threads)
 
 
 @pytest.mark.timeout(60)
