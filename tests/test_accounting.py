@@ -388,8 +388,8 @@ def test_ctrl_c_twice_still_writes_every_dead_letter_it_counted(tmp_path: Path) 
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=30) == 130
     finally:
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None:  # a failed check: end the run and what it started
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         reader.join()
         assert process.stderr is not None

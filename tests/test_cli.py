@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +55,36 @@ def pipeflow(*args: str | Path, cwd: Path = TESTS, **env: str) -> subprocess.Com
     )
 
 
-def start(*args: str | Path, **kwargs: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeflow", *map(str, args)],
-        cwd=TESTS,
-        env=child_env(),
-        text=True,
-        **kwargs,
-    )
+@contextlib.contextmanager
+def ended_on_failure(process: subprocess.Popen[str]) -> Iterator[None]:
+    """Kill `process`'s whole group (started with `start_new_session`) if the block fails.
+
+    A failing check must not leave a run and its workers behind, nor wait for them forever
+    when `Popen` closes.
+    """
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
+
+
+@contextlib.contextmanager
+def start(*args: str | Path, **kwargs: Any) -> Iterator[subprocess.Popen[str]]:
+    """`pipeflow ARGS` in its own process group, ended if the test fails."""
+    with (
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeflow", *map(str, args)],
+            cwd=TESTS,
+            env=child_env(),
+            text=True,
+            start_new_session=True,
+            **kwargs,
+        ) as process,
+        ended_on_failure(process),
+    ):
+        yield process
 
 
 def wait_for_line(stream: Any, needle: str) -> None:
