@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -345,3 +347,29 @@ def read_log(path: str) -> list[tuple[str, list[int]]]:
         event, *keys = line.split()
         events.append((event, [int(k) for k in keys]))
     return events
+
+
+# --- a worker that dies in the middle of sending its result back ---
+
+# write(2)'s syscall number, where /proc/<pid>/task/<tid>/syscall can show it
+_WRITE_SYSCALL = {"x86_64": "1", "aarch64": "64"}.get(os.uname().machine)
+CAN_DIE_MID_WRITE = sys.platform == "linux" and _WRITE_SYSCALL is not None
+
+
+def _die_once_writing(tid: int) -> None:
+    path = f"/proc/self/task/{tid}/syscall"
+    while True:  # until the worker's main thread is inside a large write(2): the result's
+        with open(path) as file:
+            fields = file.read().split()
+        if fields and fields[0] == _WRITE_SYSCALL and int(fields[3], 16) > 1_000_000:
+            break
+        time.sleep(0.0002)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer does to the biggest process
+
+
+def die_while_sending_3(n: int) -> int | bytes:
+    """Item 3's worker is killed while it writes its (large) result to the parent."""
+    if n != 3:
+        return n
+    threading.Thread(target=_die_once_writing, args=(threading.get_native_id(),)).start()
+    return b"x" * 200_000_000

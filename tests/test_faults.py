@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
 import threading
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 import fns
 import pipeflow
 from conftest import worker_processes
-from pipeflow import Pipeline, Stage
+from pipeflow import Pipeline, Stage, _compat, _pools
 
 pytestmark = pytest.mark.anyio
 
@@ -202,3 +204,44 @@ async def test_a_stop_with_an_async_source_delivers_every_item_taken_from_it() -
         report = await pipeline.run(endless(), progress=progress, control=control)
     assert report.status == "interrupted"
     assert sink.items == list(range(taken)), "an item taken from the source was dropped"
+
+
+needs_mid_write = pytest.mark.skipif(
+    not fns.CAN_DIE_MID_WRITE, reason="needs /proc/<pid>/task/<tid>/syscall (Linux)"
+)
+
+
+@needs_mid_write
+async def test_a_worker_killed_while_it_sends_a_result_costs_only_its_item() -> None:
+    # the pool reads half a result and waits for the rest for good, never noticing the
+    # death: the run must notice it, and replace the pool as after any crash
+    sink = pipeflow.ListSink()
+    pipeline = Pipeline(
+        [Stage(fns.die_while_sending_3, kind="process", workers=2, on_error="skip")], sink=sink
+    )
+    with anyio.fail_after(60):
+        report = await pipeline.run(range(8))
+    assert sink.items == [0, 1, 2, 4, 5, 6, 7]
+    stage = report.stages[0]
+    assert (stage.items_out, stage.skipped, stage.crashed) == (7, 1, 1)
+    assert not worker_processes()
+
+
+@needs_mid_write
+async def test_a_lent_pool_stuck_on_a_dead_workers_half_result_fails_the_run() -> None:
+    context = multiprocessing.get_context("forkserver")
+    executor = concurrent.futures.ProcessPoolExecutor(2, mp_context=context)
+    try:
+        pipeline = Pipeline(
+            [Stage(fns.die_while_sending_3, name="lent", executor=executor, on_error="skip")]
+        )
+        with anyio.fail_after(60), pytest.raises(pipeflow.PipelineError) as caught:
+            await pipeline.run(range(8))
+        error = caught.value
+        assert error.stage == "lent" and error.error_type == "WorkerCrashed"
+        assert "while it sent a result" in str(error) and "cannot be replaced" in str(error)
+        assert error.report.status == "failed"  # type: ignore[attr-defined]
+    finally:  # the pool is the test's: free it as pipeflow frees its own
+        _compat.skip_cancelled_calls_when_broken(executor)  # CPython 3.11's manager thread
+        _pools._kill_workers(executor)
+        executor.shutdown(wait=True)

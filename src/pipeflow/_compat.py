@@ -72,6 +72,11 @@ def pool_processes(executor: Any) -> dict[int, Any]:
     return processes if isinstance(processes, dict) else {}
 
 
+def pool_broken(executor: Any) -> bool:
+    """Whether a process pool knows it is broken (a worker died and it noticed)."""
+    return bool(getattr(executor, "_broken", False))
+
+
 def close_result_writer(executor: Any) -> None:
     """Close the parent's own write end of a process pool's result pipe (the parent never
     writes to it). Once every worker is dead, a read of half a result then ends at

@@ -50,6 +50,8 @@ MAX_REBUILDS = 32
 THREAD_GRACE_S = 2.0
 # How long a pool's end waits for its SIGKILLed workers to be gone.
 KILL_WAIT_S = 5.0
+# How long a process pool may leave a dead worker unnoticed before it is taken for stuck.
+STUCK_AFTER_S = 2.0
 
 
 class CallGate:
@@ -199,6 +201,8 @@ class PoolHandle:
         # later than start-up (an idle worker may have taken a start-up call)
         self._processes: dict[int, Any] = {}
         self.abandoned = 0
+        # (executor, when) a dead worker of that executor was first seen unnoticed
+        self._dead_seen: tuple[concurrent.futures.Executor, float] | None = None
         # set when a stage with a timeout uses the pool (see bound_calls)
         self.slots: asyncio.Semaphore | None = None
         self.kind: str
@@ -356,6 +360,44 @@ class PoolHandle:
         processes = _compat.pool_processes(self.executor)
         return [p.pid for p in list(processes.values()) if p.pid is not None]
 
+    def unnoticed_death(self, now: float) -> str | None:
+        """What ended a worker that this process pool has not noticed for STUCK_AFTER_S.
+
+        A worker that dies while it writes a result (the OOM killer picks the largest
+        process, often that one) leaves half a message in the pool's result pipe. The
+        pool's manager thread then waits for the rest for good, so it never notices the
+        death, and every call in the pool waits with it. Seen from here: a worker of the
+        current executor has died with a non-zero exit code and the pool is still not
+        broken. Call it every so often with the monotonic time.
+
+        Returns:
+            The cause of death (`signal SIGKILL`), or None while nothing is stuck.
+        """
+        executor = self.executor
+        if self.kind != "process" or executor is None or self.replacing:
+            self._dead_seen = None
+            return None
+        processes = list(_compat.pool_processes(executor).values())
+        dead = [p for p in processes if p.exitcode not in (None, 0)]
+        if not dead or _compat.pool_broken(executor):
+            self._dead_seen = None
+            return None
+        if self._dead_seen is None or self._dead_seen[0] is not executor:
+            self._dead_seen = (executor, now)
+        if now - self._dead_seen[1] < STUCK_AFTER_S:
+            return None
+        return _cause_of_death(dead, patience=0.0)
+
+    async def unstick(self) -> None:
+        """End a pool stuck on a dead worker's half result (see `unnoticed_death`): its
+        manager thread then reads end-of-file and breaks the pool, and the calls in it fail
+        as after any crash. Holds off a replacement meanwhile, which ends the same pipe."""
+        async with self._rebuild_lock:
+            executor = self.executor
+            if executor is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_kill_workers, executor)
+
     def shutdown(self, *, kill: bool) -> None:
         """Shut an owned pool down; with `kill`, end its processes instead of waiting.
 
@@ -394,20 +436,27 @@ class PoolHandle:
         if kill and isinstance(executor, _dask.DaskExecutor):
             executor.kill_workers()
         if kill and self.kind == "process":
-            processes = list(_compat.pool_processes(executor).values())
-            for process in processes:
-                with contextlib.suppress(ProcessLookupError, TypeError):
-                    os.kill(process.pid, signal.SIGKILL)
-            # A worker killed while it wrote a result leaves half of it in the result
-            # pipe, and the pool's manager thread would wait for the rest forever (and
-            # the interpreter's exit with it): once the workers are dead, closing the
-            # parent's write end turns that wait into end-of-file.
-            deadline = time.monotonic() + KILL_WAIT_S
-            for process in processes:
-                with contextlib.suppress(AssertionError, ValueError):  # not started, closed
-                    process.join(max(0.0, deadline - time.monotonic()))
-            _compat.close_result_writer(executor)
+            _kill_workers(executor)
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_workers(executor: concurrent.futures.Executor) -> None:
+    """SIGKILL a process pool's workers, wait for them, and close the result pipe.
+
+    A worker killed while it wrote a result leaves half of it in the result pipe, and the
+    pool's manager thread would wait for the rest forever (and the interpreter's exit with
+    it): once the workers are dead, closing the parent's write end (the last one left)
+    turns that wait into end-of-file, which breaks the pool.
+    """
+    processes = list(_compat.pool_processes(executor).values())
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT_S
+    for process in processes:
+        with contextlib.suppress(AssertionError, ValueError):  # not started, closed
+            process.join(max(0.0, deadline - time.monotonic()))
+    _compat.close_result_writer(executor)
 
 
 def _cause_of_death(processes: list[Any], patience: float = 1.0) -> str:

@@ -73,6 +73,8 @@ TARGET_CALL_S = {"process": 0.05, "executor": 0.05, "dask": 0.05, "thread": 0.02
 # its size costs no concurrency: it only bounds the items held before their results go on.
 MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 256}
 PROGRESS_INTERVAL_S = 0.2
+# How often the run looks for a process pool stuck on a dead worker (see _watch_pools).
+POOL_WATCH_INTERVAL_S = 0.5
 SAMPLE_CALLS = 16
 # A process worker interrupts an item past its timeout itself; the parent's deadline for
 # a call, `timeout` per item plus this, is the backstop for an item that can't be interrupted.
@@ -1266,6 +1268,7 @@ class Runner:
                 if self.progress is not None:
                     outer.start_soon(self._report_progress)
                 outer.start_soon(self._enforce_stop)
+                outer.start_soon(self._watch_pools)
                 try:
                     await self._run_tasks()
                 finally:
@@ -1410,6 +1413,36 @@ class Runner:
     async def _shutdown_pools(self, *, kill: bool) -> None:
         for pool in self.pools.values():
             await anyio.to_thread.run_sync(functools.partial(pool.shutdown, kill=kill))
+
+    async def _watch_pools(self) -> None:
+        """Free the process pools stuck on a worker that died mid-result.
+
+        Such a pool never notices the death (see `PoolHandle.unnoticed_death`), so its
+        calls would wait for good. A pool the run created is made to break, and then
+        replaced as after any crash; a lent pool, which pipeflow does not end, fails the run.
+        """
+        pools = [pool for pool in self.pools.values() if pool.kind == "process"]
+        while pools:
+            await anyio.sleep(POOL_WATCH_INTERVAL_S)
+            for pool in pools:
+                death = pool.unnoticed_death(time.monotonic())
+                if death is None:
+                    continue
+                logger.warning("pool_stuck", pool=pool.name, cause=death)
+                if pool.owned:
+                    await pool.unstick()
+                    continue
+                raise _error_of(
+                    pool.name,
+                    None,
+                    None,
+                    WorkerCrashed(
+                        f"a worker process of the pool lent to stage {pool.name!r} died "
+                        f"({death}) while it sent a result; the pool waits for the rest of "
+                        "it for good and cannot be replaced (pipeflow replaces only the "
+                        "pools it creates), so the run stops"
+                    ),
+                )
 
     async def _report_progress(self) -> None:
         assert self.progress is not None
