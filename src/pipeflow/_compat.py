@@ -207,16 +207,20 @@ try:
 
     util: Any = _util  # typeshed lacks some of its helpers
 
+    def _launch_data(popen: Any, process_obj: Any) -> io.BytesIO:
+        """What a new process reads first: its preparation data and its process object."""
+        data = io.BytesIO()
+        set_spawning_popen(popen)
+        try:
+            reduction.dump(_preparation_data(process_obj._name), data)
+            reduction.dump(process_obj, data)
+        finally:
+            set_spawning_popen(None)
+        return data
+
     class _ForkServerPopen(popen_forkserver.Popen):
         def _launch(self: Any, process_obj: Any) -> None:
-            prep_data = _preparation_data(process_obj._name)
-            buf = io.BytesIO()
-            set_spawning_popen(self)
-            try:
-                reduction.dump(prep_data, buf)
-                reduction.dump(process_obj, buf)
-            finally:
-                set_spawning_popen(None)
+            buf = _launch_data(self, process_obj)
             self.sentinel, w = forkserver.connect_to_new_process(self._fds)
             # a duplicate of the data pipe's write end is the parent's sentinel in the child
             _parent_w = os.dup(w)
@@ -231,14 +235,7 @@ try:
 
             tracker_fd = resource_tracker.getfd()
             self._fds.append(tracker_fd)
-            prep_data = _preparation_data(process_obj._name)
-            fp = io.BytesIO()
-            set_spawning_popen(self)
-            try:
-                reduction.dump(prep_data, fp)
-                reduction.dump(process_obj, fp)
-            finally:
-                set_spawning_popen(None)
+            fp = _launch_data(self, process_obj)
             parent_r = child_w = child_r = parent_w = None
             try:
                 parent_r, child_w = os.pipe()
