@@ -6,9 +6,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import textwrap
+import threading
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 
 import fns
@@ -110,6 +112,37 @@ async def test_instant_items_behind_another_stage_on_a_shared_pool_do_not_time_o
     assert slow.items_out == 4
     assert (instant.items_out, instant.errors, instant.timed_out) == (4, 0, 0)
     assert report.status == "ok" and report.items_written == 4
+
+
+async def test_items_queued_in_a_lent_pool_behind_the_apps_work_are_not_on_the_clock() -> None:
+    # the app's own call holds the lent pool's one thread past the stage's timeout; the
+    # stage's calls wait behind it, which the run cannot see: waiting is not their time
+    release = threading.Event()
+    queued = threading.Event()
+
+    class Watched(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+            future = super().submit(fn, *args, **kwargs)
+            if fn is not release.wait:
+                queued.set()
+            return future
+
+    with Watched(1) as executor:
+        apps_call = executor.submit(release.wait)
+        pipeline = Pipeline([Stage(fns.square, executor=executor, timeout=0.2)])
+        sink = pipeflow.ListSink()
+        pipeline.sink = sink
+        try:
+            with anyio.fail_after(50):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(pipeline.run, range(5))
+                    await anyio.to_thread.run_sync(queued.wait)
+                    await anyio.sleep(0.6)  # well past the timeout, behind the app's call
+                    release.set()
+        finally:
+            release.set()  # the pool's end waits for the app's call
+        assert apps_call.result() is True
+    assert sink.items == [n * n for n in range(5)]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -933,20 +933,23 @@ class StageRun:
                         raise
                     continue
                 future = asyncio.wrap_future(submitted)
-                deadline = (
-                    anyio.move_on_after(deadline_s)
-                    if deadline_s is not None
-                    else contextlib.nullcontext()
-                )
-                with deadline as scope:
-                    try:
+                scope = None
+                try:
+                    if deadline_s is not None and not pool.owned:
+                        # a lent pool may queue the call behind other work (the app's,
+                        # another run's), which its slots cannot see: the items' clock
+                        # starts once the pool runs the call
+                        await _running(submitted)
+                    if deadline_s is not None:
+                        scope = anyio.move_on_after(deadline_s)
+                    with scope or contextlib.nullcontext():
                         # asyncio.wait, unlike awaiting the future, raises CancelledError
                         # only when this task is cancelled (the run's cancellation or the
                         # deadline), never because the pool cancelled the call
                         await asyncio.wait((future,))
-                    except anyio.get_cancelled_exc_class():
+                finally:
+                    if not future.done():  # cancelled, or past its deadline
                         future.cancel()
-                        raise
                 if future.done() and not future.cancelled():
                     # completed (even as its deadline passed): never run it again
                     error = future.exception()
@@ -1147,6 +1150,15 @@ class StageRun:
                 waiter.set_result(None)
                 return
         self.lanes_free += 1
+
+
+async def _running(call: concurrent.futures.Future[Any]) -> None:
+    """Until an executor has started `call` (or ended it): a thread pool starts a call
+    when a thread takes it, a process pool when it queues it for a worker."""
+    delay = 0.001
+    while not (call.running() or call.done()):
+        await anyio.sleep(delay)
+        delay = min(2 * delay, 0.05)
 
 
 class _AsyncFailure(NamedTuple):
