@@ -345,3 +345,32 @@ def read_log(path: str) -> list[tuple[str, list[int]]]:
         event, *keys = line.split()
         events.append((event, [int(k) for k in keys]))
     return events
+
+
+def setup_with_worker_info(info: Any) -> Any:
+    """A setup that keeps the WorkerInfo it is given, with the worker that got it."""
+    import os
+    import threading
+
+    return {"info": info, "worker": (os.getpid(), threading.get_ident())}
+
+
+def tag_with_worker_info(n: int, state: dict[str, Any]) -> tuple[int, int, str, int, str, Any]:
+    """The item with what its worker was told in setup, and that worker's identity."""
+    info = state["info"]
+    return (n, info.index, info.stage, info.workers, info.kind, state["worker"])
+
+
+async def async_setup_with_worker_info(info: Any) -> Any:
+    return {"info": info, "worker": "loop"}
+
+
+async def async_tag_with_worker_info(n: int, state: dict[str, Any]) -> Any:
+    return tag_with_worker_info(n, state)
+
+
+def identity_claims_held(_: Any = None) -> int:
+    """How many worker indexes this process still holds for stages of past runs."""
+    from pipeflow import _identity
+
+    return len(_identity._claims) + len(_identity._thread_indexes)

@@ -40,7 +40,7 @@ import cloudpickle
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _worker
+from . import _identity, _worker
 from ._errors import (
     ConfigError,
     ItemTimeout,
@@ -454,10 +454,13 @@ class StageRun:
         # set to a list (the bench does) to keep the items and results of the first
         # SAMPLE_CALLS calls, from which their pickling cost is estimated after the run
         self.samples: list[tuple[list[Any], list[Any]]] | None = None
+        self.worker_info = _identity.stage_info(stage.setup, self.name, self.workers, self.kind)
         if pool is not None:
             self.call = self._stage_call(key)
             if self.worker_timed:
                 self.call = dataclasses.replace(self.call, timeout=stage.timeout)
+            if self.worker_info is not None:
+                self.call = dataclasses.replace(self.call, worker_info=self.worker_info)
 
     def _stage_call(self, key: str) -> StageCall:
         stage = self.stage
@@ -480,6 +483,17 @@ class StageRun:
         assert fn_blob is not None
         return StageCall(key, fn_blob, stage.op, blobs["setup"], blobs["teardown"])
 
+    def open_index_table(self) -> None:
+        """Create the table process workers draw their index from, if setup wants one."""
+        call = self.call
+        if call is not None and call.worker_info is not None and self.kind != "thread":
+            self.call = dataclasses.replace(call, index_file=_identity.new_index_file())
+
+    def close_index_table(self) -> None:
+        """Remove the table of process indexes (the run's workers are done with it)."""
+        if self.call is not None and self.call.index_file is not None:
+            _identity.remove_index_file(self.call.index_file)
+
     # --- the stage's main loop ---
 
     async def run(
@@ -491,7 +505,7 @@ class StageRun:
         async with recv, out:
             if self.kind == "async" and stage.setup is not None:
                 try:
-                    state = stage.setup()
+                    state = _identity.call_setup(stage.setup, self.worker_info)
                     self.async_state = await state if isinstance(state, Awaitable) else state
                 except Exception as exc:  # as a thread or process stage's setup fails
                     failure = _worker.Collector.failure_of(exc)
@@ -1286,6 +1300,8 @@ class Runner:
             with anyio.CancelScope(shield=True):
                 await self._end_stages(ok=ok)
                 await self._shutdown_pools(kill=not ok)
+                for stage in self.stages:
+                    stage.close_index_table()
             teardown_error = self._report_teardown_failures(failing=not ok)
             if teardown_error is not None:
                 self._fail(report, teardown_error)
@@ -1322,6 +1338,8 @@ class Runner:
             stage.in_flight = max(0, stage.items_in - stage.items_out - settled)
 
     async def _start_pools(self) -> None:
+        for stage in self.stages:
+            stage.open_index_table()
         for pool in self.pools.values():
             await anyio.to_thread.run_sync(pool.start)
         for stage in self.stages:
