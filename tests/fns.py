@@ -374,3 +374,22 @@ def identity_claims_held(_: Any = None) -> int:
     from pipeflow import _identity
 
     return len(_identity._claims) + len(_identity._thread_indexes)
+
+
+BIG_BYTES = 256 * 1024
+
+
+class BigLookup:
+    """A callable that carries its data with it: BIG_BYTES pickled, whatever the item."""
+
+    def __init__(self, crash_on: int | None = None) -> None:
+        self.table = bytes(range(256)) * (BIG_BYTES // 256)
+        self.crash_on = crash_on
+
+    def __call__(self, n: int) -> int:
+        if n == self.crash_on:
+            os._exit(1)
+        return n + self.table[n % 256]
+
+
+big_lookup = BigLookup()

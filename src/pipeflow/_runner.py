@@ -40,7 +40,7 @@ import cloudpickle
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _identity, _worker
+from . import _identity, _shipping, _worker
 from ._errors import (
     ConfigError,
     ItemTimeout,
@@ -461,6 +461,8 @@ class StageRun:
                 self.call = dataclasses.replace(self.call, timeout=stage.timeout)
             if self.worker_info is not None:
                 self.call = dataclasses.replace(self.call, worker_info=self.worker_info)
+        # the call sent by default when the callables go to each worker once (see _shipping)
+        self.light_call = _shipping.light_call(self.call, pool) if self.call else None
 
     def _stage_call(self, key: str) -> StageCall:
         stage = self.stage
@@ -488,6 +490,10 @@ class StageRun:
         call = self.call
         if call is not None and call.worker_info is not None and self.kind != "thread":
             self.call = dataclasses.replace(call, index_file=_identity.new_index_file())
+            if self.light_call is not None:
+                self.light_call = dataclasses.replace(
+                    self.light_call, index_file=self.call.index_file
+                )
 
     def close_index_table(self) -> None:
         """Remove the table of process indexes (the run's workers are done with it)."""
@@ -920,6 +926,7 @@ class StageRun:
         if pool is None:
             return await self._call_async(values)
         assert self.call is not None
+        call = self.light_call or self.call
         deadline_s = self._deadline(len(values))
         while True:
             if pool.replacing:
@@ -934,7 +941,7 @@ class StageRun:
             ):
                 # with a slot a worker is free: the item's clock starts now
                 try:
-                    submitted = executor.submit(_worker.run_chunk, self.call, values)
+                    submitted = executor.submit(_worker.run_chunk, call, values)
                 except (BrokenProcessPool, RuntimeError) as exc:
                     # broken already, or shut down by a replacement: the call never ran
                     if not pool.can_rebuild:
@@ -964,6 +971,9 @@ class StageRun:
                     error = future.exception()
                     if error is None:
                         return future.result()
+                    if isinstance(error, _worker.NotLoaded):
+                        call = self.call  # with the callables, which the worker keeps
+                        continue
                     if isinstance(error, _worker.UnpicklableError):
                         raise error
                     if not isinstance(error, BrokenProcessPool):

@@ -32,6 +32,7 @@ from ._identity import WorkerInfo
 __all__ = [
     "ChunkResult",
     "Failure",
+    "NotLoaded",
     "SetupFailed",
     "StageCall",
     "StageEnd",
@@ -46,11 +47,12 @@ class StageCall:
     """How a worker finds the stage's callable: by object (threads) or pickled (processes).
 
     `key` is unique per stage and run, so a worker loads the callable and runs `setup`
-    once, however many chunks it is given.
+    once, however many chunks it is given. A call whose `fn` is None carries the key
+    only: a worker that has not loaded the stage raises NotLoaded (see _shipping).
     """
 
     key: str
-    fn: Callable[..., Any] | bytes
+    fn: Callable[..., Any] | bytes | None
     op: str
     setup: Callable[[], Any] | bytes | None = None
     teardown: Callable[[Any], Any] | bytes | None = None
@@ -267,6 +269,8 @@ def _stage_fn(call: StageCall) -> tuple[Callable[..., Any], Any, bool]:
         _thread_loaded.cache = cache
     entry = cache.get(call.key)
     if entry is None:
+        if call.fn is None:
+            raise NotLoaded(_worker_name())
         fn = _load(call.fn)
         has_state = call.setup is not None
         try:
@@ -329,6 +333,11 @@ def thread_teardowns(key: str) -> list[tuple[str, Callable[[Any], Any], Any]]:
     for _, cache, _, _, _ in mine:
         cache.pop(key, None)
     return [(worker, t, state) for _, _, t, state, worker in mine if t is not None]
+
+
+class NotLoaded(Exception):
+    """A call without the stage's callables reached a worker that has not loaded them:
+    the call is to be sent again with them."""
 
 
 class SetupFailed(Exception):
