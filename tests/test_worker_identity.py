@@ -94,21 +94,32 @@ def test_an_async_stage_sets_up_once_as_worker_0() -> None:
     assert {row[1:5] for row in rows} == {(0, "async_tag_with_worker_info", 4, "async")}
 
 
-def test_a_setup_without_parameters_is_called_without_one() -> None:
-    calls: list[tuple[Any, ...]] = []
+def _setup_results(setup: Any) -> list[Any]:
+    stage = Stage(lambda n, state: (n, state), kind="thread", setup=setup)
+    return [state for _, state in Pipeline([stage]).iter(range(3))]
 
-    def setup(*args: Any) -> int:
-        calls.append(args)
-        return 10
 
-    def plain() -> int:
-        return 5
+def test_a_setup_that_can_be_called_without_arguments_is_called_without_any() -> None:
+    def plain() -> str:
+        return "plain"
 
-    rows = Pipeline([Stage(lambda n, state: n + state, kind="thread", setup=plain)]).iter(range(3))
-    assert list(rows) == [5, 6, 7]
-    # *args accepts one argument: it gets the WorkerInfo
-    assert list(Pipeline([Stage(lambda n, s: n + s, kind="thread", setup=setup)]).iter([1])) == [11]
-    assert len(calls) == 1 and isinstance(calls[0][0], WorkerInfo)
+    def optional(size: int = 10) -> int:
+        return size
+
+    def variadic(*args: Any) -> tuple[Any, ...]:
+        return args
+
+    assert _setup_results(plain) == ["plain"] * 3
+    assert _setup_results(optional) == [10] * 3
+    assert _setup_results(variadic) == [()] * 3
+
+
+def test_a_setup_with_one_required_parameter_gets_worker_info() -> None:
+    def needs_one(worker: WorkerInfo, size: int = 10) -> Any:
+        return worker
+
+    infos = _setup_results(needs_one)
+    assert infos == [WorkerInfo(0, "<lambda>", 1, "thread")] * 3
 
 
 def test_pipeflow_run_passes_worker_info_to_a_yaml_setup(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """Which worker a stage's `setup` runs in: `WorkerInfo`, and how a worker gets its index.
 
-A `setup` that takes one argument gets a `WorkerInfo`; one that takes none is called as
-before, and nothing here runs for its stage. A worker's index is the lowest one free
-among the stage's workers when the worker first takes a call of the stage in a run:
+A `setup` with one required parameter gets a `WorkerInfo`; one that can be called
+without arguments is called as before, and nothing here runs for its stage. A worker's
+index is the lowest one free among the stage's workers when the worker first takes a
+call of the stage in a run:
 
 - threads draw it from a table in their process, kept for the run;
 - processes (the stage's own pool, a shared or a lent one, a local Dask cluster) draw it
@@ -41,7 +42,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """Who runs a stage's `setup`: passed to a `setup` that takes one argument.
+    """Who runs a stage's `setup`: passed to a `setup` with one required parameter.
 
     Attributes:
         index: The worker's index among the stage's workers, from 0 to `workers - 1`,
@@ -61,12 +62,22 @@ class WorkerInfo:
 
 
 def takes_worker_info(setup: Callable[..., Any] | None) -> bool:
-    """Whether `setup` accepts one positional argument (it then gets a `WorkerInfo`)."""
+    """Whether `setup` needs one positional argument (it then gets a `WorkerInfo`).
+
+    A setup that can be called without one (`def setup(size=10)`, `def setup(*args)`)
+    is called without one, as before WorkerInfo existed.
+    """
     if setup is None:
         return False
     try:
         signature = inspect.signature(setup)
     except (TypeError, ValueError):  # a builtin that does not say
+        return False
+    try:
+        signature.bind()
+    except TypeError:
+        pass
+    else:
         return False
     try:
         signature.bind(None)

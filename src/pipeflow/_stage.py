@@ -256,8 +256,8 @@ class Stage:
             `concurrent.futures.Executor`, which the pipeline uses and never shuts down.
             Not with `kind`.
         setup: Called once per worker before its first item; its return value is passed
-            to `fn` as `state`. May be `async def` for async stages. A setup that takes
-            one argument is passed a `WorkerInfo` (the worker's index, the stage's name).
+            to `fn` as `state`. May be `async def` for async stages. A setup with one
+            required parameter is passed a `WorkerInfo` (the worker's index, the stage).
         teardown: Called with the state when the worker's work is over.
         start_method: For a process stage's own pool (see `Pool`).
     """

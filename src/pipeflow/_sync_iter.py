@@ -53,10 +53,12 @@ class _Handoff:
             with contextlib.suppress(RuntimeError):  # the run's loop has closed since
                 loop.call_soon_threadsafe(credit.release)
 
-    def cancel(self) -> None:
-        """Cancel the run, from any thread."""
+    def cancel(self, *, wait: bool = True) -> None:
+        """Cancel the run, from any thread (without `wait`, from the run's own thread:
+        a run not started yet sees `closing` as it starts)."""
         self.closing = True
-        self.ready.wait()
+        if wait:
+            self.ready.wait()
         loop, task = self.loop, self.task
         if loop is not None and task is not None:
             with contextlib.suppress(RuntimeError):
@@ -145,17 +147,20 @@ class SyncResults:
             value = self._buffer[self._position]
             self._position += 1
             return value
-        if self._done:
-            raise StopIteration
-        try:
-            kind, payload = self._handoff.queue.get()
-        except BaseException:  # a KeyboardInterrupt while the caller waits
-            self.close()
-            raise
-        if kind == "values":
+        while not self._done:
+            try:
+                kind, payload = self._handoff.queue.get()
+            except BaseException:  # a KeyboardInterrupt while the caller waits
+                self.close()
+                raise
+            if kind != "values":
+                break
             self._handoff.give_credit()
-            self._buffer, self._position = payload, 1
-            return payload[0]
+            if payload:
+                self._buffer, self._position = payload, 1
+                return payload[0]
+        else:
+            raise StopIteration
         self._finish()
         if kind == "error":
             raise payload
@@ -183,7 +188,10 @@ class SyncResults:
         self._done = True
         self._buffer, self._position = [], 0
         if threading.current_thread() is self._thread:
-            return  # cannot wait for itself; the run ends as its thread returns
+            # dropped by a garbage collection in the run's own thread: it cannot wait
+            # for itself, and the run ends as its thread returns
+            self._handoff.cancel(wait=False)
+            return
         self._handoff.cancel()
         self._thread.join()
         _open.discard(self)
