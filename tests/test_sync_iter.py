@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
+import psutil
 import pytest
 
 import fns
 from conftest import worker_processes
 from pipeflow import Pipeline, PipelineError, Stage
+from test_cli import child_env
 
 
 def _threads() -> set[threading.Thread]:
@@ -132,3 +137,43 @@ def test_iter_is_refused_inside_an_event_loop_with_a_pointer_to_stream() -> None
 
     with pytest.raises(RuntimeError, match=r"inside an event loop.*pipeline\.stream"):
         asyncio.run(main())
+
+
+LEFT_OPEN = """
+import functools, sys
+import fns
+from pipeflow import Pipeline, Stage
+
+log = sys.argv[1]
+stage = Stage(
+    fns.add_one_with_state,
+    kind="process",
+    workers=2,
+    setup=functools.partial(fns.open_counted, log),
+    teardown=functools.partial(fns.close_counted, log),
+)
+results = Pipeline([stage]).iter(range(10**9))
+print(next(results), flush=True)
+"""
+
+
+def test_a_script_that_leaves_its_iterator_open_ends_its_run_cleanly_at_exit(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "lifecycle.log"
+    done = subprocess.run(
+        [sys.executable, "-c", LEFT_OPEN, str(log)],
+        cwd=Path(fns.__file__).parent,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1"]
+    events = log.read_text().split("\n")
+    setups = sorted(line.split()[1] for line in events if line.startswith("setup"))
+    teardowns = sorted(line.split()[1] for line in events if line.startswith("teardown"))
+    # the run was ended as the interpreter exited, not its workers killed with it
+    assert setups and teardowns == setups
+    assert not any(psutil.pid_exists(int(pid)) for pid in setups)
