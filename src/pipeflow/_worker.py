@@ -58,7 +58,7 @@ class StageCall:
     teardown: Callable[[Any], Any] | bytes | None = None
     # seconds each item may take, timed by the worker itself (see _run_timed)
     timeout: float | None = None
-    # given to a setup that takes an argument (the index is the worker's own), and the
+    # given to a setup with one required parameter (the index is the worker's own), and the
     # table process workers draw their index from (see _identity)
     worker_info: WorkerInfo | None = None
     index_file: str | None = None
