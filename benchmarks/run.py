@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime
+import functools
 import importlib.util
 import json
 import multiprocessing
@@ -73,6 +74,7 @@ SIZES: dict[str, tuple[int, int]] = {
     "cpu": (400, 40),
     "memory_small": (1_000_000, 100_000),
     "memory_large": (10_000_000, 1_000_000),
+    "bound": (200, 20),
 }
 LARGE_ITEM = wl.MIB
 SHA_ITEM = 64 * wl.KIB
@@ -971,6 +973,66 @@ def w_memory() -> Workload:
     )
 
 
+def pf_end_to_end(stages: list[pipeflow.Stage], n: int) -> Figures:
+    """`run_sync(range(n))`, timed whole: pool start-up and data loading included."""
+    started = time.perf_counter()
+    report = pipeflow.Pipeline(stages).run_sync(range(n))
+    wall = time.perf_counter() - started
+    assert report.items_written == n, (report.items_written, n)
+    return {"wall_s": wall, "calls": float(sum(s.calls for s in report.stages))}
+
+
+def pool_imap_initializer(n: int) -> Figures:
+    """`Pool(initializer=...)` that loads the table in each worker, then `imap`, timed
+    whole like the pipeflow contenders."""
+    started = time.perf_counter()
+    with FORKSERVER.Pool(PROCESS_WORKERS, initializer=wl.init_table) as pool:
+        count = sum(1 for _ in pool.imap(wl.look_up_initialized, range(n), chunksize=1))
+    wall = time.perf_counter() - started
+    assert count == n
+    return {"wall_s": wall, "calls": float(n)}
+
+
+def w_bound() -> Workload:
+    n = size("bound")
+    table = wl.bound_table()
+    bound = functools.partial(wl.look_up, table)
+
+    def stage(fn: Callable[..., Any], **kwargs: Any) -> pipeflow.Stage:
+        return pipeflow.Stage(fn, kind="process", workers=PROCESS_WORKERS, batch=1, **kwargs)
+
+    partial_name = "pipeflow partial(look_up, 20 MB table)"
+    setup_name = "pipeflow setup loads the table"
+    pool_name = "Pool(initializer loads the table).imap(chunksize=1)"
+    contenders: list[tuple[str, Callable[[], Figures]]] = [
+        (partial_name, lambda: pf_end_to_end([stage(bound)], n)),
+        (
+            setup_name,
+            lambda: pf_end_to_end([stage(wl.look_up_in_state, setup=wl.bound_table)], n),
+        ),
+        (pool_name, lambda: pool_imap_initializer(n)),
+    ]
+    return Workload(
+        "bound",
+        f"a process stage's callable bound to a 20 MB table (functools.partial), {n} items "
+        f"in {n} calls, {PROCESS_WORKERS} processes, timed whole (pool start and loading "
+        "included)",
+        contenders,
+        [
+            Target("partial vs setup (wall)", r(partial_name, setup_name), 2.0, False),
+            Target(
+                "partial vs Pool.imap with an initializer (wall)",
+                r(partial_name, pool_name),
+                2.0,
+                False,
+                info=True,
+            ),
+        ],
+        [("wall_s", "wall s", ".3f"), ("calls", "calls", ".0f")],
+        warm=warm_process,
+    )
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "async": w_async,
     "chain": w_chain,
@@ -984,6 +1046,7 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {
     "gil": w_gil,
     "cpu": w_cpu,
     "memory": w_memory,
+    "bound": w_bound,
 }
 
 

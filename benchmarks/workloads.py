@@ -101,3 +101,33 @@ def paced(n: int, interval_s: float, emitted: list[float]) -> Iterator[int]:
             time.sleep(delay)
         emitted.append(time.perf_counter())
         yield i
+
+
+BOUND_TABLE_BYTES = 20 * MIB
+
+
+def bound_table() -> list[int]:
+    """A lookup table of about 20 MB pickled: what a stage binds into its callable."""
+    return list(range(BOUND_TABLE_BYTES // 5))
+
+
+def look_up(table: list[int], x: int) -> int:
+    """An item's entry in a table bound with `functools.partial(look_up, table)`."""
+    return table[x % len(table)]
+
+
+def look_up_in_state(x: int, table: list[int]) -> int:
+    """The same lookup, the table loaded by the stage's `setup` instead."""
+    return table[x % len(table)]
+
+
+_initialized_table: list[int] = []
+
+
+def init_table() -> None:
+    """A `Pool(initializer=...)` that loads the table once per worker."""
+    _initialized_table[:] = bound_table()
+
+
+def look_up_initialized(x: int) -> int:
+    return _initialized_table[x % len(_initialized_table)]

@@ -373,3 +373,49 @@ def die_while_sending_3(n: int) -> int | bytes:
         return n
     threading.Thread(target=_die_once_writing, args=(threading.get_native_id(),)).start()
     return b"x" * 200_000_000
+def setup_with_worker_info(info: Any) -> Any:
+    """A setup that keeps the WorkerInfo it is given, with the worker that got it."""
+    import os
+    import threading
+
+    return {"info": info, "worker": (os.getpid(), threading.get_ident())}
+
+
+def tag_with_worker_info(n: int, state: dict[str, Any]) -> tuple[int, int, str, int, str, Any]:
+    """The item with what its worker was told in setup, and that worker's identity."""
+    info = state["info"]
+    return (n, info.index, info.stage, info.workers, info.kind, state["worker"])
+
+
+async def async_setup_with_worker_info(info: Any) -> Any:
+    return {"info": info, "worker": "loop"}
+
+
+async def async_tag_with_worker_info(n: int, state: dict[str, Any]) -> Any:
+    return tag_with_worker_info(n, state)
+
+
+def identity_claims_held(_: Any = None) -> int:
+    """How many worker indexes this process still holds for stages of past runs."""
+    from pipeflow import _identity
+
+    return len(_identity._claims) + len(_identity._thread_indexes)
+
+
+BIG_BYTES = 256 * 1024
+
+
+class BigLookup:
+    """A callable that carries its data with it: BIG_BYTES pickled, whatever the item."""
+
+    def __init__(self, crash_on: int | None = None) -> None:
+        self.table = bytes(range(256)) * (BIG_BYTES // 256)
+        self.crash_on = crash_on
+
+    def __call__(self, n: int) -> int:
+        if n == self.crash_on:
+            os._exit(1)
+        return n + self.table[n % 256]
+
+
+big_lookup = BigLookup()

@@ -38,6 +38,7 @@ PUBLIC = {
     "StageReport",
     "StdoutSink",
     "WorkerCrashed",
+    "WorkerInfo",
     "__version__",
     "configure_logging",
     "csv_rows",

@@ -156,12 +156,13 @@ NOTEBOOK_CELLS = [
     "await pipeline.collect(range(6))",
     "def boom(n):\n    raise ValueError(f'bad item {n}')\n"
     "await Pipeline([Stage(boom, kind='process')]).run(range(3))",
+    "[value for value in pipeline.iter(range(4))]",
 ]
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # jupyter's own, on import
-def test_a_notebook_runs_process_stages_and_shows_a_failed_run_as_an_error(
+def test_a_notebook_runs_process_stages_iterates_and_shows_a_failed_run_as_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     nbclient = pytest.importorskip("nbclient", reason="the notebook test needs nbclient")
@@ -186,7 +187,7 @@ def test_a_notebook_runs_process_stages_and_shows_a_failed_run_as_an_error(
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()
-    defined, collected, failed = (cell.outputs for cell in notebook.cells)
+    defined, collected, failed, iterated = (cell.outputs for cell in notebook.cells)
 
     assert not [o for o in defined if o.output_type == "error"]
     assert [o.data["text/plain"] for o in collected if o.output_type == "execute_result"] == [
@@ -203,6 +204,10 @@ def test_a_notebook_runs_process_stages_and_shows_a_failed_run_as_an_error(
     assert "ExceptionGroup" not in shown
     printed = "".join(o.get("text", "") for o in failed if o.output_type == "stream")
     assert "Traceback" not in printed, "the failure was printed as plain text"
+    # iter() in a cell, on the kernel's own running event loop
+    assert [o.data["text/plain"] for o in iterated if o.output_type == "execute_result"] == [
+        "[1, 2, 5, 10]"
+    ], iterated
 
 
 def _contexts(error: BaseException) -> list[BaseException]:

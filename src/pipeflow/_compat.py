@@ -22,11 +22,14 @@ import multiprocessing.context
 import os
 import sys
 import threading
+import time
 from types import FrameType, ModuleType
 from typing import Any
 
 __all__ = [
     "add_thread",
+    "at_threading_exit",
+    "join_loop_threads",
     "main_is_guarded",
     "max_workers",
     "pool_processes",
@@ -112,6 +115,28 @@ def skip_cancelled_calls_when_broken(executor: Any) -> None:
         terminate_broken(cause)
 
     thread.terminate_broken = terminate_broken_skipping_cancelled
+
+
+def at_threading_exit(fn: Any) -> None:
+    """Call `fn` as the interpreter exits, before it waits for its non-daemon threads
+    (as `concurrent.futures` ends its pools); at plain exit where that hook is missing."""
+    register = getattr(threading, "_register_atexit", None)
+    if callable(register):
+        register(fn)
+    else:
+        import atexit
+
+        atexit.register(fn)
+
+
+def join_loop_threads(loop: Any, timeout: float) -> None:
+    """Wait up to `timeout` seconds for the worker threads anyio started for `loop` (told
+    to stop as the loop's main task ended, but not waited for); none where they don't
+    say which loop they serve."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if getattr(thread, "loop", None) is loop and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def pool_threads(executor: Any) -> list[threading.Thread]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from ._report import RunReport
 from ._runner import Runner, unwrap_group
 from ._sinks import ListSink, NullSink, Sink
 from ._stage import Pool, Stage, duplicate_names
+from ._sync_iter import SyncResults
 
 __all__ = ["Pipeline"]
 
@@ -230,6 +232,35 @@ class Pipeline:
             # raised outside the except block: the group is no part of the error's context
             raise error from error.__cause__
 
+    def iter(self, source: Any = None) -> SyncResults:
+        """Run the pipeline in a background thread and iterate over its results, from
+        synchronous code (a script, a notebook cell).
+
+        The run is `stream()`'s, on an event loop of its own: it waits while results are
+        not taken, and closing the iterator (a `with` block's end, `close()`, leaving a
+        `for` loop by `break` or an exception, dropping the iterator) cancels the run and
+        returns once its pools are shut down; its `stop()` stops the run gracefully,
+        as `RunControl.stop()` does. In Jupyter it runs in a cell like any synchronous
+        code.
+
+        Args:
+            source: Overrides the pipeline's source for this run.
+
+        Returns:
+            An iterator over the results, which is also a context manager.
+
+        Raises:
+            RuntimeError: Called from async code (a running event loop outside Jupyter):
+                use `async with pipeline.stream(...)`.
+            PipelineError: From the iterator, as `stream()` raises it.
+        """
+        if _loop_running() and not _in_notebook():
+            raise RuntimeError(
+                "iter() called inside an event loop, where waiting for a result would block "
+                "it: use `async with pipeline.stream(source) as results: async for ...`"
+            )
+        return SyncResults(self.stream, source)
+
     def describe(self) -> list[dict[str, Any]]:
         """Each stage's name, kind, workers, op and queue bound, as a graph would show them."""
         rows = []
@@ -258,6 +289,21 @@ def _same_file(sink: Sink | None, dead_letter: Sink | None) -> str | None:
     if first == second or (first.exists() and second.exists() and first.samefile(second)):
         return str(paths[0])
     return None
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _in_notebook() -> bool:
+    """Whether this is a Jupyter kernel's thread, whose cells run on its event loop."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def _require_asyncio() -> None:
@@ -295,6 +341,19 @@ class _Results:
 
     def __aiter__(self) -> _Results:
         return self
+
+    async def next_batch(self) -> list[Any] | None:
+        """The results not taken yet of the current batch, or the next batch; None at
+        the end."""
+        if self.position < len(self.buffer):
+            rest = self.buffer[self.position :]
+            self.buffer, self.position = [], 0
+            return rest
+        try:
+            return await self.recv.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self.exhausted = True
+            return None
 
     async def __anext__(self) -> Any:
         if self.position >= len(self.buffer):

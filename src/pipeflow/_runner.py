@@ -40,7 +40,7 @@ import cloudpickle
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _worker
+from . import _identity, _shipping, _worker
 from ._errors import (
     ConfigError,
     ItemTimeout,
@@ -456,10 +456,15 @@ class StageRun:
         # set to a list (the bench does) to keep the items and results of the first
         # SAMPLE_CALLS calls, from which their pickling cost is estimated after the run
         self.samples: list[tuple[list[Any], list[Any]]] | None = None
+        self.worker_info = _identity.stage_info(stage.setup, self.name, self.workers, self.kind)
         if pool is not None:
             self.call = self._stage_call(key)
             if self.worker_timed:
                 self.call = dataclasses.replace(self.call, timeout=stage.timeout)
+            if self.worker_info is not None:
+                self.call = dataclasses.replace(self.call, worker_info=self.worker_info)
+        # the call sent by default when the callables go to each worker once (see _shipping)
+        self.light_call = _shipping.light_call(self.call, pool) if self.call else None
 
     def _stage_call(self, key: str) -> StageCall:
         stage = self.stage
@@ -482,6 +487,21 @@ class StageRun:
         assert fn_blob is not None
         return StageCall(key, fn_blob, stage.op, blobs["setup"], blobs["teardown"])
 
+    def open_index_table(self) -> None:
+        """Create the table process workers draw their index from, if setup wants one."""
+        call = self.call
+        if call is not None and call.worker_info is not None and self.kind != "thread":
+            self.call = dataclasses.replace(call, index_file=_identity.new_index_file())
+            if self.light_call is not None:
+                self.light_call = dataclasses.replace(
+                    self.light_call, index_file=self.call.index_file
+                )
+
+    def close_index_table(self) -> None:
+        """Remove the table of process indexes (the run's workers are done with it)."""
+        if self.call is not None and self.call.index_file is not None:
+            _identity.remove_index_file(self.call.index_file)
+
     # --- the stage's main loop ---
 
     async def run(
@@ -493,7 +513,7 @@ class StageRun:
         async with recv, out:
             if self.kind == "async" and stage.setup is not None:
                 try:
-                    state = stage.setup()
+                    state = _identity.call_setup(stage.setup, self.worker_info)
                     self.async_state = await state if isinstance(state, Awaitable) else state
                 except Exception as exc:  # as a thread or process stage's setup fails
                     failure = _worker.Collector.failure_of(exc)
@@ -908,6 +928,7 @@ class StageRun:
         if pool is None:
             return await self._call_async(values)
         assert self.call is not None
+        call = self.light_call or self.call
         deadline_s = self._deadline(len(values))
         while True:
             if pool.replacing:
@@ -922,7 +943,7 @@ class StageRun:
             ):
                 # with a slot a worker is free: the item's clock starts now
                 try:
-                    submitted = executor.submit(_worker.run_chunk, self.call, values)
+                    submitted = executor.submit(_worker.run_chunk, call, values)
                 except (BrokenProcessPool, RuntimeError) as exc:
                     # broken already, or shut down by a replacement: the call never ran
                     if not pool.can_rebuild:
@@ -955,6 +976,9 @@ class StageRun:
                     error = future.exception()
                     if error is None:
                         return future.result()
+                    if isinstance(error, _worker.NotLoaded):
+                        call = self.call  # with the callables, which the worker keeps
+                        continue
                     if isinstance(error, _worker.UnpicklableError):
                         raise error
                     if not isinstance(error, BrokenProcessPool):
@@ -1301,6 +1325,8 @@ class Runner:
             with anyio.CancelScope(shield=True):
                 await self._end_stages(ok=ok)
                 await self._shutdown_pools(kill=not ok)
+                for stage in self.stages:
+                    stage.close_index_table()
             teardown_error = self._report_teardown_failures(failing=not ok)
             if teardown_error is not None:
                 self._fail(report, teardown_error)
@@ -1337,6 +1363,8 @@ class Runner:
             stage.in_flight = max(0, stage.items_in - stage.items_out - settled)
 
     async def _start_pools(self) -> None:
+        for stage in self.stages:
+            stage.open_index_table()
         for pool in self.pools.values():
             await anyio.to_thread.run_sync(pool.start)
         for stage in self.stages:

@@ -256,7 +256,8 @@ class Stage:
             `concurrent.futures.Executor`, which the pipeline uses and never shuts down.
             Not with `kind`.
         setup: Called once per worker before its first item; its return value is passed
-            to `fn` as `state`. May be `async def` for async stages.
+            to `fn` as `state`. May be `async def` for async stages. A setup with one
+            required parameter is passed a `WorkerInfo` (the worker's index, the stage).
         teardown: Called with the state when the worker's work is over.
         start_method: For a process stage's own pool (see `Pool`).
     """
@@ -273,7 +274,7 @@ class Stage:
     retries: Retry | int | None = None
     on_error: OnError = "fail"
     executor: str | concurrent.futures.Executor | None = None
-    setup: Callable[[], Any] | None = None
+    setup: Callable[..., Any] | None = None
     teardown: Callable[[Any], Any] | None = None
     start_method: StartMethod | None = None
     retry: Retry | None = field(init=False, default=None)

@@ -8,6 +8,7 @@ failing item never fails its chunk-mates.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import os
 import pickle
@@ -24,11 +25,14 @@ from typing import Any
 
 import cloudpickle
 
+from . import _identity
 from ._errors import ItemTimeout
+from ._identity import WorkerInfo
 
 __all__ = [
     "ChunkResult",
     "Failure",
+    "NotLoaded",
     "SetupFailed",
     "StageCall",
     "StageEnd",
@@ -43,16 +47,21 @@ class StageCall:
     """How a worker finds the stage's callable: by object (threads) or pickled (processes).
 
     `key` is unique per stage and run, so a worker loads the callable and runs `setup`
-    once, however many chunks it is given.
+    once, however many chunks it is given. A call whose `fn` is None carries the key
+    only: a worker that has not loaded the stage raises NotLoaded (see _shipping).
     """
 
     key: str
-    fn: Callable[..., Any] | bytes
+    fn: Callable[..., Any] | bytes | None
     op: str
     setup: Callable[[], Any] | bytes | None = None
     teardown: Callable[[Any], Any] | bytes | None = None
     # seconds each item may take, timed by the worker itself (see _run_timed)
     timeout: float | None = None
+    # given to a setup with one required parameter (the index is the worker's own), and the
+    # table process workers draw their index from (see _identity)
+    worker_info: WorkerInfo | None = None
+    index_file: str | None = None
 
 
 @dataclass
@@ -260,10 +269,15 @@ def _stage_fn(call: StageCall) -> tuple[Callable[..., Any], Any, bool]:
         _thread_loaded.cache = cache
     entry = cache.get(call.key)
     if entry is None:
+        if call.fn is None:
+            raise NotLoaded(_worker_name())
         fn = _load(call.fn)
         has_state = call.setup is not None
         try:
-            state = _load(call.setup)() if has_state else None
+            if has_state and call.worker_info is not None:
+                state = _identity.call_setup(_load(call.setup), _worker_info(call, in_process))
+            else:
+                state = _load(call.setup)() if has_state else None
         except Exception as exc:
             raise SetupFailed(_portable_failure(exc)) from None
         teardown = _load(call.teardown) if has_state and call.teardown is not None else None
@@ -278,12 +292,25 @@ def _stage_fn(call: StageCall) -> tuple[Callable[..., Any], Any, bool]:
                 if not ended:
                     _thread_states.append((call.key, cache, teardown, state, _worker_name()))
             if ended:  # a call its run no longer waits for: leave nothing behind
+                _identity.release_thread_indexes(call.key)
                 if teardown is not None:
                     teardown(state)
                 raise RuntimeError(f"stage {call.key!r} was called after its run ended")
         entry = (fn, state, has_state)
         cache[call.key] = entry
     return entry
+
+
+def _worker_info(call: StageCall, in_process: bool) -> WorkerInfo:
+    """The WorkerInfo of this worker for the stage, its index claimed for the run."""
+    assert call.worker_info is not None
+    if not in_process:
+        index: int | None = _identity.claim_thread_index(call.key)
+    elif call.index_file is not None:
+        index = _identity.claim_process_index(call.key, call.index_file)
+    else:
+        index = None
+    return dataclasses.replace(call.worker_info, index=index)
 
 
 # Thread workers' cache entries, dropped (and torn down) by the run that created them.
@@ -302,9 +329,15 @@ def thread_teardowns(key: str) -> list[tuple[str, Callable[[Any], Any], Any]]:
         _ended_keys.append(key)
         mine = [e for e in _thread_states if e[0] == key]
         _thread_states[:] = [e for e in _thread_states if e[0] != key]
+    _identity.release_thread_indexes(key)
     for _, cache, _, _, _ in mine:
         cache.pop(key, None)
     return [(worker, t, state) for _, _, t, state, worker in mine if t is not None]
+
+
+class NotLoaded(Exception):
+    """A call without the stage's callables reached a worker that has not loaded them:
+    the call is to be sent again with them."""
 
 
 class SetupFailed(Exception):
@@ -338,6 +371,7 @@ def end_stage(key: str, linger: float = 0.0) -> StageEnd:
     calls of the same round reach the other workers.
     """
     loaded = _loaded.pop(key, None) is not None
+    _identity.end_process_claim(key)
     failure = None
     pending = _process_teardowns.pop(key, None)
     if pending is not None:
