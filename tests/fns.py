@@ -373,6 +373,8 @@ def die_while_sending_3(n: int) -> int | bytes:
         return n
     threading.Thread(target=_die_once_writing, args=(threading.get_native_id(),)).start()
     return b"x" * 200_000_000
+
+
 def setup_with_worker_info(info: Any) -> Any:
     """A setup that keeps the WorkerInfo it is given, with the worker that got it."""
     import os
