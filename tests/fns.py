@@ -345,3 +345,17 @@ def read_log(path: str) -> list[tuple[str, list[int]]]:
         event, *keys = line.split()
         events.append((event, [int(k) for k in keys]))
     return events
+
+
+# --- rate limits ---
+
+
+def stamped(count: int) -> Any:
+    """`count` items, each carrying the wall-clock time (ns) at which the source yielded it."""
+    for index in range(count):
+        yield {"i": index, "yielded": time.time_ns()}
+
+
+def stamp_start(item: dict[str, int]) -> dict[str, int]:
+    """The item, with the wall-clock time (ns) at which this call of the stage started."""
+    return {**item, "started": time.time_ns()}

@@ -29,6 +29,7 @@ PUBLIC = {
     "PoolStartError",
     "Pool",
     "RemoteTraceback",
+    "Rate",
     "Retry",
     "RunControl",
     "RunReport",

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._errors import WorkerCrashed as WorkerCrashed
     from ._log import configure_logging as configure_logging
     from ._pipeline import Pipeline as Pipeline
+    from ._rate import Rate as Rate
     from ._report import RunReport as RunReport
     from ._report import StageReport as StageReport
     from ._sinks import CallableSink as CallableSink

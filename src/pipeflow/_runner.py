@@ -40,7 +40,7 @@ import cloudpickle
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _worker
+from . import _rate, _worker
 from ._errors import (
     ConfigError,
     ItemTimeout,
@@ -90,6 +90,11 @@ END_OF_FAILED_RUN_S = 2.0
 # An end-of-run call holds its worker this long, so that each worker of a process pool
 # takes one call of a round.
 END_LINGER_S = 0.05
+# A call of a rate-limited stage holds the items of at most this long at its rate, and is
+# sent this long before its first start time: items whose start is far off wait in the
+# stage, not in a worker (their `timeout` counts from their start time).
+RATE_HORIZON_S = 0.1
+RATE_LEAD_NS = 20_000_000
 
 
 class Batch(NamedTuple):
@@ -422,7 +427,15 @@ class StageRun:
             and self.kind != "async"
         )
         fixed = 1 if one_per_call else (None if stage.batch == "auto" else int(stage.batch))
+        rate = stage.rate_limit
+        self.pacer = _rate.Pacer(rate) if rate is not None else None
+        rate_cap = _rate_cap(stage)
+        if fixed is not None and rate_cap is not None:
+            fixed = min(fixed, rate_cap)
         self.sizer = _ChunkSizer(fixed, self.kind)
+        if rate_cap is not None:
+            self.sizer.limit = min(self.sizer.limit, rate_cap)
+            self.sizer.size = min(self.sizer.size, rate_cap)
         if self.worker_timed and stage.timeout is not None:
             # an item stuck where its worker cannot interrupt it is caught by the call's
             # deadline, `timeout` per item: keep auto-sized calls short enough for it
@@ -433,7 +446,7 @@ class StageRun:
             pool.bound_calls()
         # a process pool is kept busy by one call queued behind each running one
         remote = self.kind in ("process", "executor", "dask")
-        self.in_flight = self.workers * 2 if remote else self.workers
+        self.in_flight = self.workers * 2 if remote and rate is None else self.workers
         # asyncio's own primitives on the per-chunk path: anyio's look up the running
         # backend on every call, which costs more than the rest of a thread-pool call
         self.limiter = asyncio.Semaphore(self.in_flight)
@@ -551,7 +564,7 @@ class StageRun:
         pool (it never breaks) whose calls are not bounded for a per-item timeout (which
         needs a task to enforce)."""
         pool = self.pool
-        if pool is None or pool.kind != "thread" or pool.slots is not None:
+        if pool is None or pool.kind != "thread" or pool.slots is not None or self.pacer:
             return None
         return pool.executor
 
@@ -910,6 +923,10 @@ class StageRun:
         while True:
             if pool.replacing:
                 await pool.replaced_since(pool.generation)
+            # a call run again (after a pool replacement) takes start times again
+            starts = self._start_times(values)
+            if starts is not None:
+                await _rate.wait_until(starts[0] - RATE_LEAD_NS)
             generation = pool.generation
             executor = pool.executor
             assert executor is not None
@@ -920,7 +937,7 @@ class StageRun:
             ):
                 # with a slot a worker is free: the item's clock starts now
                 try:
-                    submitted = executor.submit(_worker.run_chunk, self.call, values)
+                    submitted = executor.submit(_worker.run_chunk, self.call, values, starts)
                 except (BrokenProcessPool, RuntimeError) as exc:
                     # broken already, or shut down by a replacement: the call never ran
                     if not pool.can_rebuild:
@@ -932,7 +949,7 @@ class StageRun:
                     continue
                 future = asyncio.wrap_future(submitted)
                 deadline = (
-                    anyio.move_on_after(deadline_s)
+                    anyio.move_on_after(deadline_s + _rate.seconds_until(starts))
                     if deadline_s is not None
                     else contextlib.nullcontext()
                 )
@@ -1002,6 +1019,12 @@ class StageRun:
                 # by running them one by one (see _call_isolating)
                 raise _ChunkCallError(ItemTimeout(message))
 
+    def _start_times(self, values: list[Any]) -> list[int] | None:
+        """The start time of each call of fn for `values`, or None: no rate limit."""
+        if self.pacer is None:
+            return None
+        return self.pacer.starts(1 if self.stage.op == "map_batch" else len(values))
+
     def _loop_blocked(self, seconds: float) -> None:
         """One step of this async stage held the event loop for `seconds`."""
         report = self.report
@@ -1051,7 +1074,10 @@ class StageRun:
         has_state = self.stage.setup is not None
         timeout = self.stage.timeout
         collector = Collector(self.stage.op)
+        starts = self._start_times(values)
         if self.stage.op == "map_batch":
+            if starts is not None:
+                await _rate.wait_until(starts[0])
             try:
                 call = fn(values, self.async_state) if has_state else fn(values)
                 collector.add_batch(values, await TimedSteps(call, self._loop_blocked))
@@ -1076,6 +1102,8 @@ class StageRun:
                     position = next_position
                     next_position += 1
                     value = values[position]
+                    if starts is not None:
+                        await _rate.wait_until(starts[position])
                     try:
                         call = TimedSteps(
                             fn(value, state) if has_state else fn(value), self._loop_blocked
@@ -1145,6 +1173,15 @@ class StageRun:
                 waiter.set_result(None)
                 return
         self.lanes_free += 1
+
+
+def _rate_cap(stage: Stage) -> int | None:
+    """The most items a call of a rate-limited stage holds (a map_batch call is one call
+    of fn, whatever it holds), or None."""
+    rate = stage.rate_limit
+    if rate is None or stage.op == "map_batch":
+        return None
+    return max(1, int(RATE_HORIZON_S * rate.calls / rate.per))
 
 
 class _AsyncFailure(NamedTuple):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from ._errors import ConfigError, Problem
+from ._rate import Rate
 
 __all__ = [
     "KINDS",
@@ -259,6 +260,8 @@ class Stage:
             to `fn` as `state`. May be `async def` for async stages.
         teardown: Called with the state when the worker's work is over.
         start_method: For a process stage's own pool (see `Pool`).
+        rate: At most so many calls of `fn` per period, across all the stage's workers:
+            a `Rate`, or its text (`"10/s"`, `"100/min"`, `"5/250ms"`). None: no limit.
     """
 
     fn: Callable[..., Any]
@@ -276,7 +279,9 @@ class Stage:
     setup: Callable[[], Any] | None = None
     teardown: Callable[[Any], Any] | None = None
     start_method: StartMethod | None = None
+    rate: Rate | str | None = None
     retry: Retry | None = field(init=False, default=None)
+    rate_limit: Rate | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
@@ -351,6 +356,15 @@ class Stage:
             self.retry = self.retries
         elif self.retries is not None:
             problem(f"retries must be a Retry or an int, got {self.retries!r}", "retries")
+        if isinstance(self.rate, str):
+            try:
+                self.rate_limit = Rate.parse(self.rate)
+            except ConfigError as exc:
+                problems.extend(Problem(p, self.name, key="rate") for p in exc.problems)
+        elif isinstance(self.rate, Rate):
+            self.rate_limit = self.rate
+        elif self.rate is not None:
+            problem(f"rate must be a Rate or a text such as '10/s', got {self.rate!r}", "rate")
         if problems:
             raise ConfigError(problems)
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from .._errors import ConfigError
 from .._pipeline import Pipeline
+from .._rate import Rate
 from .._sinks import CallableSink, CsvSink, JsonlSink, NullSink, Sink, StdoutSink
 from .._sources import FileSource, csv_rows, jsonl_records, text_lines
 from .._stage import ON_ERROR, Pool, Retry, Stage
@@ -232,6 +233,7 @@ def _stage(spec: StageSpec, resolved: dict[str, Any]) -> Stage:
         setup=resolved.get(spec.setup, stand_in) if spec.setup else None,
         teardown=resolved.get(spec.teardown, _stand_in) if spec.teardown else None,
         start_method=spec.start_method,
+        rate=Rate.parse(spec.rate.limit, spec.rate.burst) if spec.rate is not None else None,
     )
 
 

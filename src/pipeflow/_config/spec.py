@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
+from .._rate import MAX_BURST, parse_rate
 from .._stage import (
     MAX_BATCH,
     MAX_CONCURRENCY,
@@ -102,6 +103,18 @@ def _batch(value: Any) -> Any:
 
 def _retries_shorthand(value: Any) -> Any:
     return {"attempts": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _rate_shorthand(value: Any) -> Any:
+    return value if value is None or isinstance(value, dict) else {"limit": value}
+
+
+def _rate_limit(value: Any) -> Any:
+    try:
+        parse_rate(value)
+    except ValueError as exc:
+        raise PydanticCustomError("rate", str(exc)) from None
+    return value
 
 
 def _not_null(value: Any) -> Any:
@@ -202,6 +215,29 @@ class RetrySpec(_Spec):
     )
 
 
+RATE_PATTERN = r"^\s*(\d+(\.\d*)?|\.\d+)\s*/\s*(\d+(\.\d*)?|\.\d+)?\s*(ms|s|m|min|h)\s*$"
+RateLimit = Annotated[
+    str,
+    BeforeValidator(_rate_limit),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": RATE_PATTERN,
+            "description": "calls/period: 10/s, 100/min, 5/250ms",
+        }
+    ),
+]
+
+
+class RateSpec(_Spec):
+    """`rate:` of a stage (a text is short for `{limit: TEXT}`)."""
+
+    limit: RateLimit
+    burst: PositiveInt = Field(
+        1, le=MAX_BURST, description="calls that may start at once after an idle spell"
+    )
+
+
 class StageSpec(_Spec):
     """One entry of `stages:`."""
 
@@ -240,6 +276,13 @@ class StageSpec(_Spec):
     setup: FnRef | None = None
     teardown: FnRef | None = None
     start_method: StartMethod | None = None
+    rate: Annotated[
+        RateSpec | None,
+        _Forms(
+            ({"type": "string", "pattern": RATE_PATTERN, "description": "short for {limit: ...}"},),
+            _rate_shorthand,
+        ),
+    ] = None
 
 
 class SecuritySpec(_Spec):
