@@ -18,6 +18,7 @@ PUBLIC = {
     "CrashLoop",
     "CsvSink",
     "ErrorBudgetExceeded",
+    "Group",
     "ItemError",
     "ItemTimeout",
     "JsonlSink",

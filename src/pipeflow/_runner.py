@@ -40,7 +40,7 @@ import cloudpickle
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _rate, _worker
+from . import _group, _rate, _worker
 from ._errors import (
     ConfigError,
     ItemTimeout,
@@ -467,6 +467,7 @@ class StageRun:
         # set to a list (the bench does) to keep the items and results of the first
         # SAMPLE_CALLS calls, from which their pickling cost is estimated after the run
         self.samples: list[tuple[list[Any], list[Any]]] | None = None
+        self.grouped: _group.GroupedInput | None = None  # made as the run starts
         if pool is not None:
             self.call = self._stage_call(key)
             if self.worker_timed:
@@ -548,7 +549,7 @@ class StageRun:
         direct = self._direct_executor()
         stage_call = self.call
         async with slots_send:
-            async for chunk in self._chunks(recv):
+            async for chunk in self._input(tg, recv):
                 if direct is not None and stage_call is not None:
                     # no task per chunk: the emitter awaits the executor's own future
                     call = loop.run_in_executor(direct, _worker.run_chunk, stage_call, chunk.values)
@@ -611,7 +612,7 @@ class StageRun:
         recv: MemoryObjectReceiveStream[Batch],
         out: MemoryObjectSendStream[Batch],
     ) -> None:
-        async for chunk in self._chunks(recv):
+        async for chunk in self._input(tg, recv):
             tg.start_soon(self._process_and_send, chunk, out)
 
     async def _process_and_send(self, chunk: Batch, out: MemoryObjectSendStream[Batch]) -> None:
@@ -621,6 +622,36 @@ class StageRun:
             self.limiter.release()
         if output.values:
             self.report.blocked_s += await _send(out, output)
+
+    def _input(self, tg: TaskGroup, recv: MemoryObjectReceiveStream[Batch]) -> Any:
+        """The stage's chunks: groups (see _group) for a grouping stage, else _chunks."""
+        if self.stage.grouping is None:
+            return self._chunks(recv)
+        self.grouped = _group.GroupedInput(
+            self.stage.grouping, slots=self.limiter, max_ready=self.in_flight
+        )
+        tg.start_soon(self._read_groups, self.grouped, recv)
+        return self._groups(self.grouped)
+
+    async def _read_groups(
+        self, grouped: _group.GroupedInput, recv: MemoryObjectReceiveStream[Batch]
+    ) -> None:
+        def on_wait(waiting: bool) -> None:
+            self.hungry = waiting  # the source sends what it holds at once
+            if waiting and self.on_hungry is not None:
+                self.on_hungry()
+
+        def on_taken(items: int) -> None:
+            self.report.items_in += items
+
+        try:
+            await grouped.read(recv, on_wait, on_taken)
+        except _group.KeyFailed as failed:
+            raise _error_of(self.name, failed.index, failed.value, failed.error) from failed.error
+
+    async def _groups(self, grouped: _group.GroupedInput) -> Any:
+        async for indices, values in grouped.groups():
+            yield Batch(indices, values)
 
     async def _chunks(self, recv: MemoryObjectReceiveStream[Batch]) -> Any:
         """Chunks to run, each holding a slot of `limiter` (its taker releases it).

@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
+from .._group import MAX_GROUP_SIZE, MAX_KEYS, Group
 from .._rate import MAX_BURST, parse_rate
 from .._stage import (
     MAX_BATCH,
@@ -103,6 +104,10 @@ def _batch(value: Any) -> Any:
 
 def _retries_shorthand(value: Any) -> Any:
     return {"attempts": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _group_shorthand(value: Any) -> Any:
+    return {"size": value} if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _rate_shorthand(value: Any) -> Any:
@@ -238,6 +243,21 @@ class RateSpec(_Spec):
     )
 
 
+class GroupSpec(_Spec):
+    """`group:` of a map_batch stage (an int is short for `{size: N}`)."""
+
+    size: PositiveInt | None = Field(
+        None, le=MAX_GROUP_SIZE, description="a group leaves when it holds this many items"
+    )
+    within: Duration | None = Field(
+        None, description="a group leaves when its oldest item has waited this long"
+    )
+    by: FnRef | None = Field(None, description="module:attribute: item -> key; a group per key")
+    max_keys: PositiveInt = Field(
+        _default(Group, "max_keys"), le=MAX_KEYS, description="with by: the most open groups"
+    )
+
+
 class StageSpec(_Spec):
     """One entry of `stages:`."""
 
@@ -281,6 +301,13 @@ class StageSpec(_Spec):
         _Forms(
             ({"type": "string", "pattern": RATE_PATTERN, "description": "short for {limit: ...}"},),
             _rate_shorthand,
+        ),
+    ] = None
+    group: Annotated[
+        GroupSpec | None,
+        _Forms(
+            ({"type": "integer", "minimum": 1, "description": "short for {size: N}"},),
+            _group_shorthand,
         ),
     ] = None
 
