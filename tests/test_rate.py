@@ -201,3 +201,16 @@ def test_a_lent_pool_and_dask_keep_the_rate(where: str) -> None:
     items = pipeline.sink.items
     assert sorted(item["i"] for item in items) == list(range(60))
     assert too_fast(items, 50, 1.0, 3) == []
+
+
+def test_an_async_stage_keeps_the_rate() -> None:
+    import fns
+
+    async def stamp_start(item: dict[str, int]) -> dict[str, int]:
+        return {**item, "started": time.time_ns()}
+
+    stage = pipeflow.Stage(stamp_start, rate=pipeflow.Rate(50, burst=2))
+    pipeline = pipeflow.Pipeline([stage], sink=pipeflow.ListSink())
+    report = pipeline.run_sync(fns.stamped(40))
+    assert report.stage("stamp_start").items_out == 40
+    assert too_fast(pipeline.sink.items, 50, 1.0, 2) == []

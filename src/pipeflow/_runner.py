@@ -636,9 +636,16 @@ class StageRun:
     async def _read_groups(
         self, grouped: _group.GroupedInput, recv: MemoryObjectReceiveStream[Batch]
     ) -> None:
+        waited_since = 0.0
+
         def on_wait(waiting: bool) -> None:
+            nonlocal waited_since
             self.hungry = waiting  # the source sends what it holds at once
-            if waiting and self.on_hungry is not None:
+            if not waiting:
+                self.report.idle_s += time.perf_counter() - waited_since
+                return
+            waited_since = time.perf_counter()
+            if self.on_hungry is not None:
                 self.on_hungry()
 
         def on_taken(items: int) -> None:
