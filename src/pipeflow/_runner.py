@@ -467,7 +467,6 @@ class StageRun:
         # set to a list (the bench does) to keep the items and results of the first
         # SAMPLE_CALLS calls, from which their pickling cost is estimated after the run
         self.samples: list[tuple[list[Any], list[Any]]] | None = None
-        self.grouped: _group.GroupedInput | None = None  # made as the run starts
         if pool is not None:
             self.call = self._stage_call(key)
             if self.worker_timed:
@@ -627,11 +626,11 @@ class StageRun:
         """The stage's chunks: groups (see _group) for a grouping stage, else _chunks."""
         if self.stage.grouping is None:
             return self._chunks(recv)
-        self.grouped = _group.GroupedInput(
+        grouped = _group.GroupedInput(
             self.stage.grouping, slots=self.limiter, max_ready=self.in_flight
         )
-        tg.start_soon(self._read_groups, self.grouped, recv)
-        return self._groups(self.grouped)
+        tg.start_soon(self._read_groups, grouped, recv)
+        return self._groups(grouped)
 
     async def _read_groups(
         self, grouped: _group.GroupedInput, recv: MemoryObjectReceiveStream[Batch]
