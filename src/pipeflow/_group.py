@@ -26,7 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._errors import ConfigError
 
-__all__ = ["Group", "GroupedInput", "KeyFailed"]
+__all__ = ["MAX_GROUP_SIZE", "MAX_KEYS", "Group", "GroupedInput", "KeyFailed", "Ready"]
 
 MAX_GROUP_SIZE = 100_000
 MAX_KEYS = 100_000

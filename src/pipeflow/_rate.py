@@ -25,7 +25,7 @@ from typing import Any
 
 from ._errors import ConfigError
 
-__all__ = ["Pacer", "Rate", "parse_rate", "sleep_until"]
+__all__ = ["MAX_BURST", "Pacer", "Rate", "parse_rate", "seconds_until", "sleep_until", "wait_until"]
 
 _LIMIT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*(\d+(?:\.\d*)?|\.\d+)?\s*(ms|s|m|min|h)\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -100,10 +100,6 @@ class Rate:
     def interval_ns(self) -> int:
         """The spacing of start times, in nanoseconds (rounded up: never faster)."""
         return max(1, math.ceil(self.per * 1e9 / self.calls))
-
-    def __str__(self) -> str:
-        burst = f", burst {self.burst}" if self.burst > 1 else ""
-        return f"{self.calls:g}/{self.per:g}s{burst}"
 
 
 class Pacer:
