@@ -421,3 +421,48 @@ class BigLookup:
 
 
 big_lookup = BigLookup()
+# --- rate limits ---
+
+
+def stamped(count: int) -> Any:
+    """`count` items, each carrying the wall-clock time (ns) at which the source yielded it."""
+    for index in range(count):
+        yield {"i": index, "yielded": time.time_ns()}
+
+
+def stamp_start(item: dict[str, int]) -> dict[str, int]:
+    """The item, with the wall-clock time (ns) at which this call of the stage started."""
+    return {**item, "started": time.time_ns()}
+
+
+# --- groups ---
+
+_held: dict[int, Any] = {}
+
+
+async def stepped(count: int) -> Any:
+    """`count` items, one at a time: the next only once the stage holds the one before
+    (`held_by_stage`, its group's `by`, says so), as from a slow source."""
+    import asyncio
+
+    for index in range(count):
+        _held[index] = asyncio.Event()
+        yield index
+        await _held[index].wait()
+        del _held[index]
+
+
+def held_by_stage(item: int) -> None:
+    """A group key, the same for every item, that tells `stepped` the stage holds `item`."""
+    _held[item].set()
+
+
+def group_as_one(items: list[Any]) -> list[list[Any]]:
+    """One output per call: the group it was given."""
+    return [list(items)]
+
+
+def fail_group_with_5(items: list[int]) -> list[int]:
+    if 5 in items:
+        raise ValueError(f"cannot insert {items}")
+    return items

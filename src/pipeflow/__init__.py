@@ -31,9 +31,11 @@ if TYPE_CHECKING:
     from ._errors import RemoteTraceback as RemoteTraceback
     from ._errors import SourceFormatError as SourceFormatError
     from ._errors import WorkerCrashed as WorkerCrashed
+    from ._group import Group as Group
     from ._identity import WorkerInfo as WorkerInfo
     from ._log import configure_logging as configure_logging
     from ._pipeline import Pipeline as Pipeline
+    from ._rate import Rate as Rate
     from ._report import RunReport as RunReport
     from ._report import StageReport as StageReport
     from ._sinks import CallableSink as CallableSink

@@ -40,7 +40,7 @@ import cloudpickle
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _identity, _shipping, _worker
+from . import _group, _identity, _rate, _shipping, _worker
 from ._errors import (
     ConfigError,
     ItemTimeout,
@@ -92,6 +92,11 @@ END_OF_FAILED_RUN_S = 2.0
 # An end-of-run call holds its worker this long, so that each worker of a process pool
 # takes one call of a round.
 END_LINGER_S = 0.05
+# A call of a rate-limited stage holds the items of at most this long at its rate, and is
+# sent this long before its first start time: items whose start is far off wait in the
+# stage, not in a worker (their `timeout` counts from their start time).
+RATE_HORIZON_S = 0.1
+RATE_LEAD_NS = 20_000_000
 
 
 class Batch(NamedTuple):
@@ -424,7 +429,15 @@ class StageRun:
             and self.kind != "async"
         )
         fixed = 1 if one_per_call else (None if stage.batch == "auto" else int(stage.batch))
+        rate = stage.rate_limit
+        self.pacer = _rate.Pacer(rate) if rate is not None else None
+        rate_cap = _rate_cap(stage)
+        if fixed is not None and rate_cap is not None:
+            fixed = min(fixed, rate_cap)
         self.sizer = _ChunkSizer(fixed, self.kind)
+        if rate_cap is not None:
+            self.sizer.limit = min(self.sizer.limit, rate_cap)
+            self.sizer.size = min(self.sizer.size, rate_cap)
         if self.worker_timed and stage.timeout is not None:
             # an item stuck where its worker cannot interrupt it is caught by the call's
             # deadline, `timeout` per item: keep auto-sized calls short enough for it
@@ -435,7 +448,7 @@ class StageRun:
             pool.bound_calls()
         # a process pool is kept busy by one call queued behind each running one
         remote = self.kind in ("process", "executor", "dask")
-        self.in_flight = self.workers * 2 if remote else self.workers
+        self.in_flight = self.workers * 2 if remote and rate is None else self.workers
         # asyncio's own primitives on the per-chunk path: anyio's look up the running
         # backend on every call, which costs more than the rest of a thread-pool call
         self.limiter = asyncio.Semaphore(self.in_flight)
@@ -557,7 +570,7 @@ class StageRun:
         direct = self._direct_executor()
         stage_call = self.call
         async with slots_send:
-            async for chunk in self._chunks(recv):
+            async for chunk in self._input(tg, recv):
                 if direct is not None and stage_call is not None:
                     # no task per chunk: the emitter awaits the executor's own future
                     call = loop.run_in_executor(direct, _worker.run_chunk, stage_call, chunk.values)
@@ -573,7 +586,7 @@ class StageRun:
         pool (it never breaks) whose calls are not bounded for a per-item timeout (which
         needs a task to enforce)."""
         pool = self.pool
-        if pool is None or pool.kind != "thread" or pool.slots is not None:
+        if pool is None or pool.kind != "thread" or pool.slots is not None or self.pacer:
             return None
         return pool.executor
 
@@ -620,7 +633,7 @@ class StageRun:
         recv: MemoryObjectReceiveStream[Batch],
         out: MemoryObjectSendStream[Batch],
     ) -> None:
-        async for chunk in self._chunks(recv):
+        async for chunk in self._input(tg, recv):
             tg.start_soon(self._process_and_send, chunk, out)
 
     async def _process_and_send(self, chunk: Batch, out: MemoryObjectSendStream[Batch]) -> None:
@@ -630,6 +643,43 @@ class StageRun:
             self.limiter.release()
         if output.values:
             self.report.blocked_s += await _send(out, output)
+
+    def _input(self, tg: TaskGroup, recv: MemoryObjectReceiveStream[Batch]) -> Any:
+        """The stage's chunks: groups (see _group) for a grouping stage, else _chunks."""
+        if self.stage.grouping is None:
+            return self._chunks(recv)
+        grouped = _group.GroupedInput(
+            self.stage.grouping, slots=self.limiter, max_ready=self.in_flight
+        )
+        tg.start_soon(self._read_groups, grouped, recv)
+        return self._groups(grouped)
+
+    async def _read_groups(
+        self, grouped: _group.GroupedInput, recv: MemoryObjectReceiveStream[Batch]
+    ) -> None:
+        waited_since = 0.0
+
+        def on_wait(waiting: bool) -> None:
+            nonlocal waited_since
+            self.hungry = waiting  # the source sends what it holds at once
+            if not waiting:
+                self.report.idle_s += time.perf_counter() - waited_since
+                return
+            waited_since = time.perf_counter()
+            if self.on_hungry is not None:
+                self.on_hungry()
+
+        def on_taken(items: int) -> None:
+            self.report.items_in += items
+
+        try:
+            await grouped.read(recv, on_wait, on_taken)
+        except _group.KeyFailed as failed:
+            raise _error_of(self.name, failed.index, failed.value, failed.error) from failed.error
+
+    async def _groups(self, grouped: _group.GroupedInput) -> Any:
+        async for indices, values in grouped.groups():
+            yield Batch(indices, values)
 
     async def _chunks(self, recv: MemoryObjectReceiveStream[Batch]) -> Any:
         """Chunks to run, each holding a slot of `limiter` (its taker releases it).
@@ -933,6 +983,10 @@ class StageRun:
         while True:
             if pool.replacing:
                 await pool.replaced_since(pool.generation)
+            # a call run again (after a pool replacement) takes start times again
+            starts = self._start_times(values)
+            if starts is not None:
+                await _rate.wait_until(starts[0] - RATE_LEAD_NS)
             generation = pool.generation
             executor = pool.executor
             assert executor is not None
@@ -943,7 +997,7 @@ class StageRun:
             ):
                 # with a slot a worker is free: the item's clock starts now
                 try:
-                    submitted = executor.submit(_worker.run_chunk, call, values)
+                    submitted = executor.submit(_worker.run_chunk, call, values, starts)
                 except (BrokenProcessPool, RuntimeError) as exc:
                     # broken already, or shut down by a replacement: the call never ran
                     if not pool.can_rebuild:
@@ -962,7 +1016,8 @@ class StageRun:
                         # starts once the pool runs the call
                         await _running(submitted)
                     if deadline_s is not None:
-                        scope = anyio.move_on_after(deadline_s)
+                        # a rate-limited call's clock starts at its first start time
+                        scope = anyio.move_on_after(deadline_s + _rate.seconds_until(starts))
                     with scope or contextlib.nullcontext():
                         # asyncio.wait, unlike awaiting the future, raises CancelledError
                         # only when this task is cancelled (the run's cancellation or the
@@ -1031,6 +1086,12 @@ class StageRun:
                 # by running them one by one (see _call_isolating)
                 raise _ChunkCallError(ItemTimeout(message))
 
+    def _start_times(self, values: list[Any]) -> list[int] | None:
+        """The start time of each call of fn for `values`, or None: no rate limit."""
+        if self.pacer is None:
+            return None
+        return self.pacer.starts(1 if self.stage.op == "map_batch" else len(values))
+
     def _loop_blocked(self, seconds: float) -> None:
         """One step of this async stage held the event loop for `seconds`."""
         report = self.report
@@ -1080,7 +1141,10 @@ class StageRun:
         has_state = self.stage.setup is not None
         timeout = self.stage.timeout
         collector = Collector(self.stage.op)
+        starts = self._start_times(values)
         if self.stage.op == "map_batch":
+            if starts is not None:
+                await _rate.wait_until(starts[0])
             try:
                 call = fn(values, self.async_state) if has_state else fn(values)
                 collector.add_batch(values, await TimedSteps(call, self._loop_blocked))
@@ -1105,6 +1169,8 @@ class StageRun:
                     position = next_position
                     next_position += 1
                     value = values[position]
+                    if starts is not None:
+                        await _rate.wait_until(starts[position])
                     try:
                         call = TimedSteps(
                             fn(value, state) if has_state else fn(value), self._loop_blocked
@@ -1183,6 +1249,15 @@ async def _running(call: concurrent.futures.Future[Any]) -> None:
     while not (call.running() or call.done()):
         await anyio.sleep(delay)
         delay = min(2 * delay, 0.05)
+
+
+def _rate_cap(stage: Stage) -> int | None:
+    """The most items a call of a rate-limited stage holds (a map_batch call is one call
+    of fn, whatever it holds), or None."""
+    rate = stage.rate_limit
+    if rate is None or stage.op == "map_batch":
+        return None
+    return max(1, int(RATE_HORIZON_S * rate.calls / rate.per))
 
 
 class _AsyncFailure(NamedTuple):

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from ._errors import ConfigError, Problem
+from ._group import Group
+from ._rate import Rate
 
 __all__ = [
     "KINDS",
@@ -260,6 +262,11 @@ class Stage:
             required parameter is passed a `WorkerInfo` (the worker's index, the stage).
         teardown: Called with the state when the worker's work is over.
         start_method: For a process stage's own pool (see `Pool`).
+        rate: At most so many calls of `fn` per period, across all the stage's workers:
+            a `Rate`, or its text (`"10/s"`, `"100/min"`, `"5/250ms"`). None: no limit.
+        group: For `map_batch`: call fn with real groups, a `Group` (exactly `size`
+            items, or what arrived `within` a time, per key `by`); an int N is short for
+            `Group(size=N)`. Not with a fixed `batch`.
     """
 
     fn: Callable[..., Any]
@@ -277,7 +284,11 @@ class Stage:
     setup: Callable[..., Any] | None = None
     teardown: Callable[[Any], Any] | None = None
     start_method: StartMethod | None = None
+    rate: Rate | str | None = None
+    group: Group | int | None = None
     retry: Retry | None = field(init=False, default=None)
+    rate_limit: Rate | None = field(init=False, default=None)
+    grouping: Group | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
@@ -352,6 +363,31 @@ class Stage:
             self.retry = self.retries
         elif self.retries is not None:
             problem(f"retries must be a Retry or an int, got {self.retries!r}", "retries")
+        if isinstance(self.rate, str):
+            try:
+                self.rate_limit = Rate.parse(self.rate)
+            except ConfigError as exc:
+                problems.extend(Problem(p, self.name, key="rate") for p in exc.problems)
+        elif isinstance(self.rate, Rate):
+            self.rate_limit = self.rate
+        elif self.rate is not None:
+            problem(f"rate must be a Rate or a text such as '10/s', got {self.rate!r}", "rate")
+        if isinstance(self.group, int) and not isinstance(self.group, bool):
+            try:
+                self.grouping = Group(size=self.group)
+            except ConfigError as exc:
+                problems.extend(Problem(p, self.name, key="group") for p in exc.problems)
+        elif isinstance(self.group, Group):
+            self.grouping = self.group
+        elif self.group is not None:
+            problem(f"group must be a Group or an int, got {self.group!r}", "group")
+        if self.group is not None and self.op != "map_batch":
+            problem(
+                f"group applies to op: map_batch (fn takes the group as a list), not {self.op}",
+                "group",
+            )
+        if self.group is not None and self.batch != "auto":
+            problem("give batch or group, not both: the group is the call", "group")
         if problems:
             raise ConfigError(problems)
 

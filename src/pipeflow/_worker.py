@@ -475,8 +475,30 @@ class Collector:
         return ChunkResult(self.outputs, self.kept, self.failures, busy, _worker_name())
 
 
-def run_chunk(call: StageCall, values: list[Any]) -> ChunkResult:
-    """Apply the stage's callable to every value of a chunk, keeping each item's outcome."""
+class _Paced:
+    """A stage's callable, each of whose calls waits for its start time (see _rate)."""
+
+    def __init__(self, fn: Callable[[Any], Any], starts: list[int]) -> None:
+        self.fn = fn
+        self.starts = iter(starts)
+        self.waited = 0.0
+
+    def wait(self) -> None:
+        from ._rate import sleep_until
+
+        self.waited += sleep_until(next(self.starts))
+
+    def __call__(self, value: Any) -> Any:
+        self.wait()
+        return self.fn(value)
+
+
+def run_chunk(call: StageCall, values: list[Any], starts: list[int] | None = None) -> ChunkResult:
+    """Apply the stage's callable to every value of a chunk, keeping each item's outcome.
+
+    With `starts` (a rate-limited stage), each call of the callable waits for its start
+    time (ns since the epoch), and the time waited is not counted as busy.
+    """
     started = time.perf_counter()
     if not _in_process_worker and isinstance(call.fn, bytes) and _in_child_process():
         # a worker of a process pool the app lent: it never ran pipeflow's initializer,
@@ -485,9 +507,13 @@ def run_chunk(call: StageCall, values: list[Any]) -> ChunkResult:
     fn, state, has_state = _stage_fn(call)
     if has_state:
         fn = _with_state(fn, state)
+    paced = None if starts is None else _Paced(fn, starts)
     collector = Collector(call.op)
     if call.timeout is not None and threading.current_thread() is threading.main_thread():
-        _run_timed(fn, call.op, values, call.timeout, collector)
+        # an item's clock starts at its start time: the wait comes before the timer
+        _run_timed(fn, call.op, values, call.timeout, collector, paced)
+    elif paced is not None:
+        _run_paced(paced, call.op, values, collector)
     elif call.op == "map_batch":
         try:
             collector.add_batch(values, fn(values))
@@ -522,9 +548,26 @@ def run_chunk(call: StageCall, values: list[Any]) -> ChunkResult:
                 collector.add(position, value, fn(value))
             except Exception as exc:
                 collector.fail(position, exc)
+    if paced is not None:
+        started += paced.waited
     if _in_process_worker:
         return pack_outputs(collector.result(started), call.op, len(values))
     return collector.result(started)
+
+
+def _run_paced(paced: _Paced, op: str, values: list[Any], collector: Collector) -> None:
+    """Apply a rate-limited stage's callable to a chunk (off the hot path of the others)."""
+    if op == "map_batch":
+        try:
+            collector.add_batch(values, paced(values))
+        except Exception as exc:
+            collector.fail_batch(values, exc)
+        return
+    for position, value in enumerate(values):
+        try:
+            collector.add(position, value, paced(value))
+        except Exception as exc:
+            collector.fail(position, exc)
 
 
 # --- per-item timeouts ---------------------------------------------------------------------
@@ -559,7 +602,12 @@ def _timed(fn: Callable[[Any], Any], arg: Any, seconds: float, materialize: bool
 
 
 def _run_timed(
-    fn: Callable[[Any], Any], op: str, values: list[Any], timeout: float, collector: Collector
+    fn: Callable[[Any], Any],
+    op: str,
+    values: list[Any],
+    timeout: float,
+    collector: Collector,
+    paced: _Paced | None = None,
 ) -> None:
     """Apply `fn` to a chunk in a process worker's main thread, each item on its own clock.
 
@@ -574,6 +622,8 @@ def _run_timed(
     try:
         if op == "map_batch":
             allowed = timeout * len(values)
+            if paced is not None:
+                paced.wait()
             try:
                 collector.add_batch(values, _timed(fn, values, allowed, False))
             except _ItemDeadline as deadline:
@@ -586,6 +636,8 @@ def _run_timed(
             return
         flat = op == "flat_map"
         for position, value in enumerate(values):
+            if paced is not None:
+                paced.wait()
             try:
                 collector.add(position, value, _timed(fn, value, timeout, flat))
             except _ItemDeadline as deadline:

@@ -19,8 +19,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .._errors import ConfigError
+from .._errors import ConfigError, Problem
+from .._group import Group
 from .._pipeline import Pipeline
+from .._rate import Rate
 from .._sinks import CallableSink, CsvSink, JsonlSink, NullSink, Sink, StdoutSink
 from .._sources import FileSource, csv_rows, jsonl_records, text_lines
 from .._stage import ON_ERROR, Pool, Retry, Stage
@@ -232,7 +234,24 @@ def _stage(spec: StageSpec, resolved: dict[str, Any]) -> Stage:
         setup=resolved.get(spec.setup, stand_in) if spec.setup else None,
         teardown=resolved.get(spec.teardown, _stand_in) if spec.teardown else None,
         start_method=spec.start_method,
+        rate=Rate.parse(spec.rate.limit, spec.rate.burst) if spec.rate is not None else None,
+        group=_group(spec, resolved),
     )
+
+
+def _group(spec: StageSpec, resolved: dict[str, Any]) -> Group | None:
+    given = spec.group
+    if given is None:
+        return None
+    try:
+        return Group(
+            size=given.size,
+            within=given.within,
+            by=resolved.get(given.by, _stand_in) if given.by else None,
+            max_keys=given.max_keys,
+        )
+    except ConfigError as exc:
+        raise ConfigError([Problem(p, _name(spec), key="group") for p in exc.problems]) from None
 
 
 def _source(spec: SourceSpec, resolved: dict[str, Any], base: Path) -> Any:

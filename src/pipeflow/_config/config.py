@@ -37,7 +37,7 @@ from .yaml import DataPath, Document, Origin, read_yaml
 
 __all__ = ["load", "schema", "stage_name"]
 
-_CUSTOM_ERRORS = ("duration", "batch", "exactly_one", "null", "not_zero")
+_CUSTOM_ERRORS = ("duration", "batch", "exactly_one", "null", "not_zero", "rate")
 _EXPECTED = {
     "int_parsing": "an int",
     "int_type": "an int",
@@ -347,6 +347,10 @@ class _Loader:
                     f"a process stage's {key} must pickle, and {ref} does not ({why}); define "
                     "it at module level and create locks, files or clients in setup:",
                 )
+        group = raw.get("group")
+        by = group.get("by") if isinstance(group, dict) else None
+        if isinstance(by, str) and self._valid((*path, "group", "by")):
+            self._resolve((*path, "group", "by"), by)  # called on the event loop: no pickling
         retries = raw.get("retries")
         names = retries.get("retry_on") if isinstance(retries, dict) else None
         for position, name in enumerate(names if isinstance(names, list) else []):

@@ -31,6 +31,8 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
+from .._group import MAX_GROUP_SIZE, MAX_KEYS, Group
+from .._rate import MAX_BURST, parse_rate
 from .._stage import (
     MAX_BATCH,
     MAX_CONCURRENCY,
@@ -102,6 +104,22 @@ def _batch(value: Any) -> Any:
 
 def _retries_shorthand(value: Any) -> Any:
     return {"attempts": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _group_shorthand(value: Any) -> Any:
+    return {"size": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _rate_shorthand(value: Any) -> Any:
+    return value if value is None or isinstance(value, dict) else {"limit": value}
+
+
+def _rate_limit(value: Any) -> Any:
+    try:
+        parse_rate(value)
+    except ValueError as exc:
+        raise PydanticCustomError("rate", str(exc)) from None
+    return value
 
 
 def _not_null(value: Any) -> Any:
@@ -202,6 +220,44 @@ class RetrySpec(_Spec):
     )
 
 
+RATE_PATTERN = r"^\s*(\d+(\.\d*)?|\.\d+)\s*/\s*(\d+(\.\d*)?|\.\d+)?\s*(ms|s|m|min|h)\s*$"
+RateLimit = Annotated[
+    str,
+    BeforeValidator(_rate_limit),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": RATE_PATTERN,
+            "description": "calls/period: 10/s, 100/min, 5/250ms",
+        }
+    ),
+]
+
+
+class RateSpec(_Spec):
+    """`rate:` of a stage (a text is short for `{limit: TEXT}`)."""
+
+    limit: RateLimit
+    burst: PositiveInt = Field(
+        1, le=MAX_BURST, description="calls that may start at once after an idle spell"
+    )
+
+
+class GroupSpec(_Spec):
+    """`group:` of a map_batch stage (an int is short for `{size: N}`)."""
+
+    size: PositiveInt | None = Field(
+        None, le=MAX_GROUP_SIZE, description="a group leaves when it holds this many items"
+    )
+    within: Duration | None = Field(
+        None, description="a group leaves when its oldest item has waited this long"
+    )
+    by: FnRef | None = Field(None, description="module:attribute: item -> key; a group per key")
+    max_keys: PositiveInt = Field(
+        _default(Group, "max_keys"), le=MAX_KEYS, description="with by: the most open groups"
+    )
+
+
 class StageSpec(_Spec):
     """One entry of `stages:`."""
 
@@ -240,6 +296,20 @@ class StageSpec(_Spec):
     setup: FnRef | None = None
     teardown: FnRef | None = None
     start_method: StartMethod | None = None
+    rate: Annotated[
+        RateSpec | None,
+        _Forms(
+            ({"type": "string", "pattern": RATE_PATTERN, "description": "short for {limit: ...}"},),
+            _rate_shorthand,
+        ),
+    ] = None
+    group: Annotated[
+        GroupSpec | None,
+        _Forms(
+            ({"type": "integer", "minimum": 1, "description": "short for {size: N}"},),
+            _group_shorthand,
+        ),
+    ] = None
 
 
 class SecuritySpec(_Spec):
