@@ -345,3 +345,10 @@ def read_log(path: str) -> list[tuple[str, list[int]]]:
         event, *keys = line.split()
         events.append((event, [int(k) for k in keys]))
     return events
+
+
+def loaded_modules(item: Any) -> list[str]:
+    """The modules the worker that runs this has imported, whatever the item."""
+    import sys
+
+    return sorted(sys.modules)

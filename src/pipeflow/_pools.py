@@ -150,6 +150,27 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
+# what a forkserver imports once, before it forks each worker
+FORKSERVER_PRELOAD = ("pipeflow._compat", "pipeflow._worker")
+
+
+def start_forkserver() -> None:
+    """Start the forkserver that process pools fork their workers from, without waiting
+    for it to be ready.
+
+    The `pipeflow` command calls this before it reads the config, so that the server's
+    own start-up (an interpreter, and the modules it preloads) overlaps the command's
+    instead of delaying the first pool. Where forkserver is not the default, or a pool
+    asks for another start method, the server just goes unused.
+    """
+    if default_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
+    forkserver.ensure_running()
+
+
 class _RecyclingProcessPool(concurrent.futures.ProcessPoolExecutor):
     """A process pool whose workers exit after `max_tasks_per_child` calls, and are
     always replaced.
@@ -314,7 +335,7 @@ class PoolHandle:
         import_main = _compat.main_is_guarded()
         context = _compat.process_context(method, import_main=import_main)
         if method == "forkserver":
-            preload = ["pipeflow._compat", "pipeflow._worker"]
+            preload = list(FORKSERVER_PRELOAD)
             context.set_forkserver_preload(["__main__", *preload] if import_main else preload)
         recycling = self.spec.max_tasks_per_child is not None
         pool_class = _RecyclingProcessPool if recycling else concurrent.futures.ProcessPoolExecutor
