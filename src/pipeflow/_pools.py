@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -163,12 +164,23 @@ def start_forkserver() -> None:
     instead of delaying the first pool. Where forkserver is not the default, or a pool
     asks for another start method, the server just goes unused.
     """
-    if default_start_method() != "forkserver":
+    if (
+        default_start_method() != "forkserver"
+        or threading.current_thread() is not threading.main_thread()
+    ):
         return
     from multiprocessing import forkserver
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
-    forkserver.ensure_running()
+    # The server is started ignoring SIGINT, which it keeps across exec: Ctrl-C reaches the
+    # whole process group, and the server ignores it only once its preload is done, so a
+    # Ctrl-C meanwhile would print its KeyboardInterrupt traceback. The command decides how
+    # a run stops (a Ctrl-C in the moment of the spawn itself is lost: press it again).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _RecyclingProcessPool(concurrent.futures.ProcessPoolExecutor):
