@@ -466,3 +466,10 @@ def fail_group_with_5(items: list[int]) -> list[int]:
     if 5 in items:
         raise ValueError(f"cannot insert {items}")
     return items
+
+
+def loaded_modules(item: Any) -> list[str]:
+    """The modules the worker that runs this has imported, whatever the item."""
+    import sys
+
+    return sorted(sys.modules)

@@ -138,10 +138,27 @@ def _security(distributed: ModuleType, security: Any, *, local: bool) -> Any:
     )
 
 
-def _on_worker(fn: Callable[..., Any], *args: Any) -> Any:
+class _Arguments:
+    """A call's arguments, as one object that Dask sends as it is.
+
+    Dask looks into the lists, tuples and dicts a task is given, element by element, for
+    futures and keys to substitute (in the client, the scheduler and the worker): for a
+    chunk of thousands of items that walk costs more than the call itself.
+    """
+
+    __slots__ = ("args",)
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Arguments, (self.args,))
+
+
+def _on_worker(fn: Callable[..., Any], arguments: _Arguments) -> Any:
     """Run `fn` in a Dask worker process as it would run in a pipeflow process worker."""
     _worker.mark_process_worker()
-    return fn(*args)
+    return fn(*arguments.args)
 
 
 class DaskExecutor(concurrent.futures.Executor):
@@ -167,7 +184,7 @@ class DaskExecutor(concurrent.futures.Executor):
             raise TypeError("DaskExecutor.submit takes positional arguments only")
         if self.closed:
             raise BrokenProcessPool("the pool's Dask client is closed")
-        task = self._executor.submit(_on_worker, fn, *args)
+        task = self._executor.submit(_on_worker, fn, _Arguments(args))
         future: Future[Any] = Future()
         # cancelling ours (a run cancelled, an item timed out) cancels the Dask task
         future.add_done_callback(functools.partial(_cancel_task, task))

@@ -16,8 +16,6 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
 
-import structlog
-
 __all__ = ["LogFormat", "configure_logging", "logger"]
 
 LogFormat = Literal["console", "json"]
@@ -54,11 +52,51 @@ def _to_record(
     return (message,), {"extra": {_EVENT: full}}
 
 
-logger: Any = structlog.wrap_logger(
-    logging.getLogger("pipeflow"),
-    wrapper_class=structlog.stdlib.BoundLogger,
-    processors=[structlog.stdlib.filter_by_level, _to_record],
-)
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+class _Logger:
+    """pipeflow's structlog logger, made on the first event that is shown.
+
+    Importing structlog imports rich's traceback renderer too (~0.1-0.4 s): a run whose
+    events nobody shows (an app with no logging set up sees warnings and worse only)
+    never pays for it.
+    """
+
+    def __init__(self) -> None:
+        self._stdlib = logging.getLogger("pipeflow")
+        self._bound: Any = None
+
+    def _structlog(self) -> Any:
+        if self._bound is None:
+            import structlog
+
+            self._bound = structlog.wrap_logger(
+                self._stdlib,
+                wrapper_class=structlog.stdlib.BoundLogger,
+                processors=[structlog.stdlib.filter_by_level, _to_record],
+            )
+        return self._bound
+
+    def __getattr__(self, name: str) -> Any:
+        level = _LEVELS.get(name)
+        if level is not None and not self._stdlib.isEnabledFor(level):
+            return _drop
+        return getattr(self._structlog(), name)
+
+
+def _drop(*args: Any, **kwargs: Any) -> None:
+    """An event below the level shown."""
+
+
+logger: Any = _Logger()
 
 
 class _EventFormatter(logging.Formatter):
@@ -88,6 +126,8 @@ def configure_logging(fmt: LogFormat = "console", level: int | str = logging.INF
         level: The lowest level shown: `logging.INFO` shows each run's start and end,
             `logging.WARNING` only skipped items, retries given up and the like.
     """
+    import structlog
+
     renderer: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(default=repr)

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -152,8 +153,36 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def _noop() -> int:
-    return os.getpid()
+# what a forkserver imports once, before it forks each worker
+FORKSERVER_PRELOAD = ("pipeflow._compat", "pipeflow._worker")
+
+
+def start_forkserver() -> None:
+    """Start the forkserver that process pools fork their workers from, without waiting
+    for it to be ready.
+
+    The `pipeflow` command calls this before it reads the config, so that the server's
+    own start-up (an interpreter, and the modules it preloads) overlaps the command's
+    instead of delaying the first pool. Where forkserver is not the default, or a pool
+    asks for another start method, the server just goes unused.
+    """
+    if (
+        default_start_method() != "forkserver"
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
+    # The server is started ignoring SIGINT, which it keeps across exec: Ctrl-C reaches the
+    # whole process group, and the server ignores it only once its preload is done, so a
+    # Ctrl-C meanwhile would print its KeyboardInterrupt traceback. The command decides how
+    # a run stops (a Ctrl-C in the moment of the spawn itself is lost: press it again).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _RecyclingProcessPool(concurrent.futures.ProcessPoolExecutor):
@@ -322,7 +351,7 @@ class PoolHandle:
         import_main = _compat.main_is_guarded()
         context = _compat.process_context(method, import_main=import_main)
         if method == "forkserver":
-            preload = ["pipeflow._compat", "pipeflow._worker"]
+            preload = list(FORKSERVER_PRELOAD)
             context.set_forkserver_preload(["__main__", *preload] if import_main else preload)
         recycling = self.spec.max_tasks_per_child is not None
         pool_class = _RecyclingProcessPool if recycling else concurrent.futures.ProcessPoolExecutor
@@ -333,8 +362,10 @@ class PoolHandle:
             initargs=(list(sys.path), os.getpid()),
             max_tasks_per_child=self.spec.max_tasks_per_child,
         )
-        # spawn every worker now, so start-up is paid (and measured) before the work
-        started = [executor.submit(_noop) for _ in range(self.spec.workers)]
+        # spawn every worker now, so start-up is paid (and measured) before the work; the
+        # call is a builtin, so that a worker imports nothing for it (a function of this
+        # module would make each worker import the engine, structlog and rich: ~0.4 s)
+        started = [executor.submit(os.getpid) for _ in range(self.spec.workers)]
         concurrent.futures.wait(started)
         _compat.skip_cancelled_calls_when_broken(executor)
         self._processes = _compat.pool_processes(executor)

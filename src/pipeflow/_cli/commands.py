@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import anyio
 import typer
@@ -27,17 +27,18 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import __version__
-from .._bench.bench import parse_matrix, plan_bench, run_bench
-from .._bench.figures import PointResult
-from .._bench.render import PlotUnavailable, check_plotting, print_bench, write_plot, write_results
 from .._config.config import load, schema
 from .._control import RunControl
 from .._errors import ConfigError, PipeflowError, PipelineError
 from .._log import configure_logging, logger
 from .._pipeline import Pipeline
+from .._pools import start_forkserver
 from .._report import RunReport
 from .console import LiveProgress, log_failure, log_summary, print_failure, print_summary
 from .graph import draw
+
+if TYPE_CHECKING:
+    from .._bench.figures import PointResult
 
 __all__ = ["app", "main"]
 
@@ -168,6 +169,7 @@ def run(
     143 on SIGTERM (the first signal stops reading and finishes the items already read,
     a second one cancels at once).
     """
+    start_forkserver()
     configure_logging(log_format.value, logging.WARNING if quiet else logging.INFO)
     as_json = log_format is LogFormat.json
     pipeline = _load(config, sets, app_dir, as_json=as_json)
@@ -382,6 +384,16 @@ def bench(
     CPU, peak RSS, the slowest stage) and a recommendation. Exits 0; 1 if a point failed
     or the points' outputs differ; 2 for a bad config or --matrix.
     """
+    # imported here, not with the module: `pipeflow run` does not pay for the bench
+    from .._bench.bench import parse_matrix, plan_bench, run_bench
+    from .._bench.render import (
+        PlotUnavailable,
+        check_plotting,
+        print_bench,
+        write_plot,
+        write_results,
+    )
+
     configure_logging("console", logging.WARNING)
     if plot is not None:
         try:
