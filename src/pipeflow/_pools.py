@@ -459,6 +459,6 @@ def pool_for(
     if stage.kind == "async" or stage.kind is None:
         return None
     key = f"stage:{stage.name}"
-    spec = Pool(stage.kind, stage.workers, start_method=stage.start_method)
+    spec = Pool(stage.kind, stage.pool_workers, start_method=stage.start_method)
     pools[key] = PoolHandle(stage.name or "stage", spec=spec)
     return pools[key]

@@ -41,6 +41,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import _worker
+from ._auto import AdjustableLimiter, LatencyHistogram, tuner_for
 from ._errors import (
     ConfigError,
     ItemTimeout,
@@ -406,7 +407,7 @@ class StageRun:
         self.name: str = stage.name or "stage"
         self.pool = pool
         self.kind = pool.kind if pool is not None else "async"
-        self.workers = pool.workers if pool is not None else stage.workers
+        self.workers = pool.workers if pool is not None else stage.pool_workers
         # A process worker times each of its items itself (see _worker._run_timed), so a
         # call may hold many items. Elsewhere the parent's clock is an item's only clock:
         # each call holds one item, except a map_batch call, which holds the batch the
@@ -447,6 +448,15 @@ class StageRun:
         self.report = StageReport(
             name=self.name, kind=self.kind, workers=self.workers, queue_size=stage.queue_size
         )
+        self.latency = LatencyHistogram()
+        # `workers: auto`: a tuner sets the concurrency from here on (see _auto)
+        self.tuner = tuner_for(
+            stage.auto_workers, self.kind, self.workers, self.report, self._set_workers
+        )
+        if self.tuner is not None:
+            self.in_flight = self.workers  # each call holds a worker: the limit is exact
+            self.limiter = AdjustableLimiter(self.in_flight)  # type: ignore[assignment]
+            self._set_workers(self.tuner.controller.limit)
         self.retry = stage.retry
         self.random = random.Random()
         self.call: StageCall | None = None
@@ -863,6 +873,10 @@ class StageRun:
         by_worker[result.worker] = by_worker.get(result.worker, 0) + items
         self.sizer.observe(items, result.busy_s)
         self.sizer.observe_values(result.outputs)
+        if self.kind != "async":  # an async stage's items are timed one by one
+            self.latency.add(result.busy_s / max(1, items), items)
+            if self.tuner is not None:
+                self.tuner.completed(items, result.busy_s)
 
     def _failed_chunk(self, exc: BaseException) -> ChunkResult:
         collector = Collector(self.stage.op)
@@ -1076,6 +1090,7 @@ class StageRun:
                     position = next_position
                     next_position += 1
                     value = values[position]
+                    item_started = time.perf_counter()
                     try:
                         call = TimedSteps(
                             fn(value, state) if has_state else fn(value), self._loop_blocked
@@ -1091,6 +1106,7 @@ class StageRun:
                         )
                     except Exception as exc:
                         outcomes[position] = _AsyncFailure(exc)
+                    self._item_done(time.perf_counter() - item_started)
                     if growing and next_position < count:
                         grow()
             finally:
@@ -1122,6 +1138,21 @@ class StageRun:
                 collector.add(position, values[position], outcome)
         return collector.result(started)
 
+    def _item_done(self, seconds: float) -> None:
+        self.latency.add(seconds)
+        if self.tuner is not None:
+            self.tuner.completed(1, seconds)
+
+    def _set_workers(self, workers: int) -> None:
+        """Run at most `workers` calls, or coroutines, at once from now on."""
+        added, self.workers = workers - self.workers, workers
+        assert isinstance(self.limiter, AdjustableLimiter)
+        self.limiter.set_limit(workers)
+        if added < 0:
+            self.lanes_free += added  # lanes in use end as they come back
+        for _ in range(added):
+            self._release_lane()
+
     async def _take_lane(self) -> None:
         if self.lanes_free > 0 and not self.lane_waiters:
             self.lanes_free -= 1
@@ -1138,6 +1169,9 @@ class StageRun:
             raise
 
     def _release_lane(self) -> None:
+        if self.lanes_free < 0:  # workers: auto took lanes away: this one goes
+            self.lanes_free += 1
+            return
         waiters = self.lane_waiters
         while waiters:
             waiter = waiters.popleft()
@@ -1290,6 +1324,8 @@ class Runner:
             if teardown_error is not None:
                 self._fail(report, teardown_error)
             self._count_in_flight()
+            for stage in self.stages:
+                stage.latency.fill(stage.report)
             logger.info(
                 "run_end",
                 pipeline=report.name,

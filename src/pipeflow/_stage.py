@@ -12,10 +12,11 @@ import functools
 import importlib.util
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from ._auto import auto_bounds
 from ._errors import ConfigError, Problem
 
 __all__ = [
@@ -78,6 +79,29 @@ MAX_CONCURRENCY = 10_000  # async tasks of a stage, calls in flight on a remote 
 def max_processes() -> int:
     """The most worker processes one pool may start: 4 per core, and at least 32."""
     return max(32, 4 * (os.cpu_count() or 1))
+
+
+def _auto_problem(workers: Any) -> tuple[str | None, tuple[int | None, int | None] | None]:
+    """What is wrong with a `workers: auto` form, and its bounds (None, None: defaults)."""
+    if workers == "auto":
+        return None, (None, None)
+    if not isinstance(workers, Mapping):
+        return None, None
+    unknown = sorted(str(key) for key in workers if key not in ("min", "max"))
+    if unknown:
+        return f"unknown key {unknown[0]!r} in workers; write auto or {{min: 1, max: 64}}", None
+    bounds: list[int | None] = []
+    for key in ("min", "max"):
+        value = workers.get(key)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            return f"workers {key} must be a positive int, got {value!r}", None
+        bounds.append(value)
+    low, high = bounds
+    if low is not None and high is not None and low > high:
+        return f"workers min ({low}) must not be above max ({high})", None
+    return None, (low, high)
 
 
 def _workers_problem(kind: str | None, workers: Any, *, remote: bool = False) -> str | None:
@@ -245,6 +269,9 @@ class Stage:
             reach an existing scheduler). By default `async` for a coroutine function,
             else `thread`. Not with `executor`, which decides where the stage runs.
         workers: Pool size, or concurrent tasks for `async`. Ignored with `executor`.
+            `"auto"` (or `{"min": 1, "max": 64}`) tunes the stage's concurrency while
+            it runs, from its measured throughput (see `_auto`); a process stage then
+            never gets more processes than free cores.
         op: `map`, `filter`, `flat_map` or `map_batch`.
         ordered: Emit results in input order (through a bounded reorder window).
         batch: Items per executor call: `auto` or a positive int.
@@ -264,7 +291,7 @@ class Stage:
     fn: Callable[..., Any]
     name: str | None = None
     kind: Kind | None = None
-    workers: int = 1
+    workers: int | Literal["auto"] | Mapping[str, int] = 1
     op: Op = "map"
     ordered: bool = True
     batch: int | Literal["auto"] = "auto"
@@ -277,6 +304,8 @@ class Stage:
     teardown: Callable[[Any], Any] | None = None
     start_method: StartMethod | None = None
     retry: Retry | None = field(init=False, default=None)
+    # `workers: auto`: its (min, max), each None for the kind's default
+    auto_workers: tuple[int | None, int | None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
@@ -309,7 +338,17 @@ class Stage:
             )
         # a stage given an executor runs on that pool: its own workers are never started
         kind = self.kind if self.executor is None else None
-        if workers_problem := _workers_problem(kind, self.workers):
+        auto_problem, self.auto_workers = _auto_problem(self.workers)
+        if auto_problem:
+            problem(auto_problem, "workers")
+        elif self.auto_workers is not None:
+            if self.kind == "dask":
+                problem("workers: auto applies to kinds async, thread and process", "workers")
+            for bound in self.auto_workers:
+                if bound is not None and (bound_problem := _workers_problem(kind, bound)):
+                    problem(bound_problem, "workers")
+                    break
+        elif workers_problem := _workers_problem(kind, self.workers):
             problem(workers_problem, "workers")
         if self.batch != "auto" and (
             not isinstance(self.batch, int) or not 1 <= self.batch <= MAX_BATCH
@@ -353,6 +392,14 @@ class Stage:
             problem(f"retries must be a Retry or an int, got {self.retries!r}", "retries")
         if problems:
             raise ConfigError(problems)
+
+    @property
+    def pool_workers(self) -> int:
+        """The size of the stage's own pool: `workers`, or the most that auto may use."""
+        if self.auto_workers is None:
+            assert isinstance(self.workers, int)
+            return self.workers
+        return auto_bounds(self.kind or "thread", *self.auto_workers)[1]
 
     @property
     def is_async(self) -> bool:

@@ -1,0 +1,277 @@
+"""`workers: auto`: the controller on synthetic measurements, and stages tuned for real."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeflow._auto import (
+    PROBE_EVERY,
+    AdjustableLimiter,
+    ConcurrencyController,
+    Decision,
+    LatencyHistogram,
+    StageTuner,
+    Window,
+    auto_bounds,
+    free_cores,
+)
+from pipeflow._report import StageReport
+
+TESTS = Path(__file__).parent
+
+
+def drive(
+    controller: ConcurrencyController,
+    throughput_of: Callable[[int], float],
+    windows: int,
+    latency_of: Callable[[int], float] = lambda limit: 0.005,
+) -> list[Decision]:
+    """Feed `windows` one-second windows measured from a model of the work."""
+    decisions = []
+    for t in range(windows):
+        limit = controller.limit
+        assert controller.low <= limit <= controller.high
+        window = Window(1.0, round(throughput_of(limit)), latency_of(limit))
+        decision = controller.observe(window, float(t))
+        if decision is not None:
+            assert controller.low <= decision.workers <= controller.high
+            assert decision.workers == controller.limit
+            decisions.append(decision)
+    return decisions
+
+
+def settle(controller: ConcurrencyController, throughput_of: Callable[[int], float]) -> int:
+    """The limit it holds once a probe under way is over."""
+    for _ in range(3):
+        if controller.phase == "hold":
+            break
+        drive(controller, throughput_of, windows=1)
+    assert controller.phase == "hold"
+    return controller.limit
+
+
+def saturating(at: int, per_worker: float = 100.0) -> Callable[[int], float]:
+    """Throughput that grows with each worker up to `at` workers, then stays flat."""
+    return lambda limit: per_worker * min(limit, at)
+
+
+# --- the controller, on synthetic measurements ---
+
+
+def test_it_climbs_while_throughput_grows_and_stops_where_it_stops_growing() -> None:
+    controller = ConcurrencyController(1, 64, start=1)
+    decisions = drive(controller, saturating(16), windows=6)
+    assert [d.workers for d in decisions] == [2, 4, 8, 16, 32, 16]
+    assert controller.limit == 16
+    assert "back to 16" in decisions[-1].reason
+
+
+def test_it_holds_at_the_upper_bound_when_throughput_still_grows() -> None:
+    controller = ConcurrencyController(1, 8, start=1)
+    decisions = drive(controller, saturating(1000), windows=20)
+    assert controller.limit == 8
+    assert "upper bound 8" in decisions[3].reason
+    assert max(d.workers for d in decisions) == 8
+
+
+def test_work_that_does_not_scale_ends_at_the_fewest_workers() -> None:
+    # CPU work that holds the GIL: more threads bring nothing
+    controller = ConcurrencyController(1, 64, start=4)
+    drive(controller, saturating(1), windows=80)
+    assert settle(controller, saturating(1)) == 1
+
+
+def test_a_raise_that_costs_throughput_is_undone() -> None:
+    # contention: past 4 workers each one more makes the whole slower
+    controller = ConcurrencyController(1, 64, start=1)
+    decisions = drive(
+        controller,
+        lambda limit: 100.0 * limit if limit <= 4 else 400.0 - 20 * (limit - 4),
+        windows=40,
+    )
+    assert [d.workers for d in decisions[:4]] == [2, 4, 8, 4]
+    assert settle(controller, lambda limit: 100.0 * min(limit, 4)) == 4
+
+
+def test_it_measures_again_when_the_work_changes_mid_run() -> None:
+    # a service that answers in 5 ms and takes 8 calls at once, then slows to 20 ms
+    # per call and takes 32: the same 8 workers now get a quarter of the throughput
+    controller = ConcurrencyController(1, 64, start=4)
+    fast, slow = (lambda limit: min(limit, 8) / 0.005), (lambda limit: min(limit, 32) / 0.020)
+    drive(controller, fast, windows=30)
+    assert settle(controller, fast) == 8
+    decisions = drive(controller, slow, windows=30)
+    assert "the work changed" in decisions[0].reason
+    assert settle(controller, slow) == 32
+
+
+def test_windows_where_the_stage_waited_on_its_queues_change_nothing() -> None:
+    controller = ConcurrencyController(1, 64, start=4)
+    starved = Window(1.0, 100, 0.005, starved_s=0.8)
+    assert all(controller.observe(starved) is None for _ in range(50))
+    assert controller.limit == 4
+    assert controller.observe(Window(1.0, 0)) is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_bounds_are_respected_whatever_is_measured(seed: int) -> None:
+    rand = random.Random(seed)
+    low = rand.randint(1, 8)
+    high = low + rand.randint(0, 40)
+    controller = ConcurrencyController(low, high, start=rand.randint(1, 100))
+    assert low <= controller.limit <= high
+    drive(
+        controller,
+        lambda limit: rand.choice([0.0, 1.0, rand.uniform(0, 1e5)]),
+        windows=300,
+        latency_of=lambda limit: rand.uniform(0, 1),
+    )
+
+
+def test_equal_bounds_never_move() -> None:
+    controller = ConcurrencyController(3, 3)
+    assert all(d.workers == 3 for d in drive(controller, saturating(100), windows=30))
+    assert controller.limit == 3
+
+
+def test_probes_come_back_when_they_bring_nothing() -> None:
+    controller = ConcurrencyController(1, 64, start=8)
+    drive(controller, saturating(8), windows=3)
+    assert controller.limit == 8
+    decisions = drive(controller, saturating(8), windows=PROBE_EVERY * 6)
+    probes = [d for d in decisions if "probing" in d.reason]
+    assert probes, "it never probed"
+    assert settle(controller, saturating(8)) == 8
+
+
+def test_default_bounds() -> None:
+    assert auto_bounds("thread", None, None) == (1, 64)
+    assert auto_bounds("async", 2, None) == (2, 256)
+    assert auto_bounds("thread", 3, 5) == (3, 5)
+    # never more processes than the cores this process may run on
+    assert auto_bounds("process", None, 1000) == (1, free_cores())
+    assert auto_bounds("process", 1000, None) == (free_cores(), free_cores())
+
+
+# --- the parts the engine uses ---
+
+
+@pytest.mark.anyio
+async def test_the_limiter_follows_its_limit_down_and_up() -> None:
+    limiter = AdjustableLimiter(3)
+    for _ in range(3):
+        await limiter.acquire()
+    limiter.set_limit(1)
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)
+    limiter.release()
+    limiter.release()
+    await asyncio.sleep(0)
+    assert not waiter.done(), "it let a call in above the lowered limit"
+    limiter.release()  # none held: one may go
+    await asyncio.sleep(0)
+    assert waiter.done() and limiter.held == 1
+    third = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)
+    assert not third.done()
+    limiter.set_limit(2)  # a raise lets a waiter in at once
+    await asyncio.sleep(0)
+    assert third.done() and limiter.held == 2
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_of_the_limiter_gives_nothing_away() -> None:
+    limiter = AdjustableLimiter(1)
+    await limiter.acquire()
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    limiter.release()
+    assert limiter.held == 0
+    await limiter.acquire()
+    assert limiter.held == 1
+
+
+def test_latency_percentiles_weigh_each_item() -> None:
+    histogram = LatencyHistogram()
+    histogram.add(0.001, items=98)
+    histogram.add(0.1, items=2)
+    report = StageReport("s", "thread", 1)
+    histogram.fill(report)
+    assert report.latency_p50_s == pytest.approx(0.001, rel=0.05)
+    assert report.latency_p90_s == pytest.approx(0.001, rel=0.05)
+    assert report.latency_p99_s == pytest.approx(0.1, rel=0.05)
+
+
+def test_the_tuner_records_each_change_and_applies_it() -> None:
+    now = [0.0]
+    applied: list[int] = []
+    report = StageReport("s", "thread", 64)
+    tuner = StageTuner(1, 64, 4, report, applied.append, clock=lambda: now[0])
+    assert report.workers == 4 and report.workers_auto == {"min": 1, "max": 64}
+    for _ in range(70):  # 0.7 s: a few windows, no probe yet
+        now[0] += 0.01
+        # every worker completes a 10 ms call each 10 ms: throughput grows with workers
+        tuner.completed(report.workers, 0.01 * report.workers, calls=report.workers)
+    assert applied == [8, 16, 32, 64]
+    assert [w for _, w in report.concurrency] == [4, 8, 16, 32, 64]
+    assert report.decisions[0]["reason"] == "start"
+    assert "upper bound 64" in report.decisions[-1]["reason"]
+    times = [t for t, _ in report.concurrency]
+    assert times == sorted(times)
+
+
+# --- stages tuned for real ---
+
+
+def run_command(tmp_path: Path, stage: str, items: int) -> tuple[list[list[int]], dict]:
+    config = tmp_path / "auto.yaml"
+    config.write_text(
+        f"name: auto\nsource:\n  range: {{stop: {items}}}\nstages:\n{stage}"
+        f"sink:\n  jsonl: {tmp_path / 'out.jsonl'}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeflow", "run", str(config), "--report", "report.json"],
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((TESTS / "report.json").read_text())
+    (TESTS / "report.json").unlink()
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert "wait: workers auto chose" in done.stderr, done.stderr
+    return [json.loads(line) for line in lines], report
+
+
+@pytest.mark.parametrize(
+    ("kind", "fn"),
+    [("thread", "fns:waits_counting"), ("async", "fns:waits_counting_async")],
+)
+def test_a_stage_with_auto_workers_stays_within_its_bounds_and_loses_nothing(
+    tmp_path: Path, kind: str, fn: str
+) -> None:
+    stage = f"  - name: wait\n    fn: {fn}\n    kind: {kind}\n    workers: {{min: 2, max: 5}}\n"
+    outputs, report = run_command(tmp_path, stage, items=1500)
+    assert sorted(n for n, _ in outputs) == list(range(1500))
+    # counted inside the function: never more calls at once than the upper bound
+    assert max(seen for _, seen in outputs) <= 5
+    stage_report = report["stages"][0]
+    assert stage_report["workers_auto"] == {"min": 2, "max": 5}
+    assert stage_report["items_out"] == 1500
+    assert all(2 <= workers <= 5 for _, workers in stage_report["concurrency"])
+    assert 2 <= stage_report["workers"] <= 5
+    assert stage_report["decisions"][0]["reason"] == "start"
+    assert stage_report["latency_p50_s"] > 0
+    assert stage_report["latency_p50_s"] <= stage_report["latency_p99_s"]
