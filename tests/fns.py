@@ -382,3 +382,12 @@ async def waits_counting_async(n: int) -> list[int]:
     finally:
         _running_async -= 1
     return [n, seen]
+
+
+def holds_the_gil(n: int) -> int:
+    """About 2 ms of pure-Python work: it holds the GIL, so threads add no throughput."""
+    total = 0
+    deadline = time.perf_counter() + 0.002
+    while time.perf_counter() < deadline:
+        total += 1
+    return n

@@ -9,9 +9,14 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
+import fns
+import pipeflow
+from pipeflow import _auto
 from pipeflow._auto import (
     PROBE_EVERY,
     AdjustableLimiter,
@@ -21,8 +26,10 @@ from pipeflow._auto import (
     StageTuner,
     Window,
     auto_bounds,
+    choose_kind,
     free_cores,
 )
+from pipeflow._pools import pool_for
 from pipeflow._report import StageReport
 
 TESTS = Path(__file__).parent
@@ -234,7 +241,9 @@ def test_the_tuner_records_each_change_and_applies_it() -> None:
 # --- stages tuned for real ---
 
 
-def run_command(tmp_path: Path, stage: str, items: int) -> tuple[list[list[int]], dict]:
+def run_command(
+    tmp_path: Path, stage: str, items: int, expect: str = "wait: workers auto chose"
+) -> tuple[list[Any], dict[str, Any]]:
     config = tmp_path / "auto.yaml"
     config.write_text(
         f"name: auto\nsource:\n  range: {{stop: {items}}}\nstages:\n{stage}"
@@ -251,7 +260,7 @@ def run_command(tmp_path: Path, stage: str, items: int) -> tuple[list[list[int]]
     report = json.loads((TESTS / "report.json").read_text())
     (TESTS / "report.json").unlink()
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
-    assert "wait: workers auto chose" in done.stderr, done.stderr
+    assert expect in done.stderr, done.stderr
     return [json.loads(line) for line in lines], report
 
 
@@ -275,3 +284,109 @@ def test_a_stage_with_auto_workers_stays_within_its_bounds_and_loses_nothing(
     assert stage_report["decisions"][0]["reason"] == "start"
     assert stage_report["latency_p50_s"] > 0
     assert stage_report["latency_p50_s"] <= stage_report["latency_p99_s"]
+
+
+def test_a_process_stage_with_auto_workers_starts_one_process_and_no_more_than_the_cores() -> None:
+    stage = pipeflow.Stage(fns.square, kind="process", workers={"min": 1, "max": 32})
+    pools: dict[str, Any] = {}
+    pool = pool_for(stage, {}, pools)
+    assert pool is not None and pool.workers == free_cores()
+    pool.start()
+    try:
+        # the others are spawned only when the stage raises its concurrency
+        assert len(pool.pids()) == 1
+    finally:
+        pool.shutdown(kill=False)
+
+
+def test_a_process_stage_with_auto_workers_loses_nothing(tmp_path: Path) -> None:
+    stage = "  - name: wait\n    fn: fns:pid_of\n    kind: process\n    workers: auto\n"
+    outputs, report = run_command(tmp_path, stage, items=400)
+    assert len(outputs) == 400
+    assert len(set(outputs)) <= free_cores()
+    stage_report = report["stages"][0]
+    assert stage_report["workers_auto"] == {"min": 1, "max": free_cores()}
+    assert all(1 <= w <= free_cores() for _, w in stage_report["concurrency"])
+
+
+# --- kind: auto ---
+
+ONE = Window(1.0, 100, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("two", "cpu_share", "cores", "pickle_s", "unpicklable", "kind", "why"),
+    [
+        (Window(1.0, 200, 0.01), 0.02, 2, 1e-6, None, "thread", "it waits"),
+        (Window(1.0, 190, 0.01), 0.95, 2, 1e-6, None, "thread", "releases the GIL"),
+        (Window(1.0, 105, 0.02), 0.95, 2, 1e-6, None, "process", "processes, up to 2"),
+        (Window(1.0, 105, 0.02), 0.95, 1, 1e-6, None, "thread", "1 free core"),
+        (Window(1.0, 105, 0.02), 0.95, 2, None, "an item cannot be pickled", "thread", "item"),
+        (Window(1.0, 105, 0.02), 0.95, 2, 0.009, None, "thread", "pickling an item"),
+    ],
+)
+def test_choose_kind(
+    two: Window,
+    cpu_share: float,
+    cores: int,
+    pickle_s: float | None,
+    unpicklable: str | None,
+    kind: str,
+    why: str,
+) -> None:
+    chosen, reason = choose_kind(ONE, two, cpu_share, cores, pickle_s, unpicklable)
+    assert chosen == kind
+    assert why in reason
+
+
+@pytest.mark.anyio
+async def test_a_switch_to_processes_loses_and_repeats_no_item(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # whatever this machine measures, the probe chooses processes: the switch is tested
+    monkeypatch.setattr(_auto, "choose_kind", lambda *args: ("process", "chosen by the test"))
+    pipeline = pipeflow.Pipeline(
+        [pipeflow.Stage(fns.holds_the_gil, kind="auto", workers=2)], sink=pipeflow.ListSink()
+    )
+    with anyio.fail_after(50):
+        report = await pipeline.run(range(600))
+    items = pipeline.sink.items  # type: ignore[attr-defined]
+    assert len(items) == 600 and sorted(items) == list(range(600))
+    stage = report.stages[0]
+    assert stage.kind_choice == {"kind": "process", "reason": "chosen by the test"}
+    assert stage.kind == "process" and stage.items_out == 600
+    threads = sum(n for worker, n in stage.by_worker.items() if not worker.startswith("pid"))
+    processes = sum(n for worker, n in stage.by_worker.items() if worker.startswith("pid"))
+    assert threads > 0 and processes > 0, stage.by_worker
+    assert threads + processes == 600  # an item run twice would be counted twice
+
+
+def test_kind_auto_through_the_command_records_its_choice_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    stage = "  - name: work\n    fn: fns:holds_the_gil\n    kind: auto\n    workers: 2\n"
+    outputs, report = run_command(tmp_path, stage, items=600, expect="work: kind auto chose")
+    assert len(outputs) == 600 and sorted(outputs) == list(range(600))
+    stage_report = report["stages"][0]
+    assert stage_report["kind_choice"]["kind"] in ("thread", "process")
+    assert stage_report["kind_choice"]["kind"] == stage_report["kind"]
+    assert (
+        "GIL" in stage_report["kind_choice"]["reason"]
+        or "waits" in stage_report["kind_choice"]["reason"]
+    )
+    assert sum(stage_report["by_worker"].values()) == 600
+
+
+def test_kind_auto_keeps_an_unpicklable_function_on_threads(tmp_path: Path) -> None:
+    stage = "  - name: work\n    fn: config_fns:unpicklable\n    kind: auto\n"
+    outputs, report = run_command(tmp_path, stage, items=50, expect="work: kind auto chose thread")
+    assert len(outputs) == 50
+    choice = report["stages"][0]["kind_choice"]
+    assert choice["kind"] == "thread" and "cannot be pickled" in choice["reason"]
+
+
+def test_kind_auto_runs_an_async_def_on_the_loop(tmp_path: Path) -> None:
+    stage = "  - name: work\n    fn: fns:waits_counting_async\n    kind: auto\n"
+    outputs, report = run_command(tmp_path, stage, items=50, expect="work: kind auto chose async")
+    assert sorted(n for n, _ in outputs) == list(range(50))
+    assert report["stages"][0]["kind"] == "async"

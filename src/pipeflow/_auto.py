@@ -23,10 +23,14 @@ import asyncio
 import collections
 import math
 import os
+import pickle
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import cloudpickle
 
 from ._report import StageReport
 
@@ -37,9 +41,13 @@ __all__ = [
     "LatencyHistogram",
     "StageTuner",
     "Window",
+    "CpuTimed",
+    "KindProbe",
     "auto_bounds",
+    "choose_kind",
     "free_cores",
     "tuner_for",
+    "unpicklable",
 ]
 
 # a raise is kept when it brings this much more throughput
@@ -274,6 +282,7 @@ class AdjustableLimiter:
         self.limit = limit
         self.held = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._drained: asyncio.Future[None] | None = None
 
     async def acquire(self) -> None:
         """Wait for a permit."""
@@ -297,6 +306,20 @@ class AdjustableLimiter:
         """Give a permit back."""
         self.held -= 1
         self._wake()
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    async def drain(self, keep: int = 1) -> None:
+        """Wait until at most `keep` permits are held (the caller's own), letting none in."""
+        limit, self.limit = self.limit, keep
+        try:
+            while self.held > keep:
+                self._drained = asyncio.get_running_loop().create_future()
+                await self._drained
+        finally:
+            self._drained = None
+            self.limit = limit
 
     def set_limit(self, limit: int) -> None:
         """Change the number of permits."""
@@ -445,3 +468,189 @@ def tuner_for(
     # a process costs a core: start with the fewest, and add one only for what it brings
     start = low if kind == "process" else max(low, min(high, START))
     return StageTuner(low, high, start, report, apply)
+
+
+# --- kind: auto -----------------------------------------------------------------------------
+
+# a function on a CPU less than this share of its time waits (I/O, sleep): threads (a
+# computing one gets less than a whole core on a busy machine, rarely under a quarter)
+CPU_BOUND = 0.25
+# 2 threads doing this many times the items of 1 run in parallel: the GIL is released
+PARALLEL = 1.3
+# processes are chosen only if pickling an item and its result costs less than this
+# share of the work on the item
+PICKLE_SHARE = 0.5
+# each of the two probe windows lasts at least this long and holds MIN_PROBE_CALLS calls
+PROBE_WINDOW_S = 0.15
+MIN_PROBE_CALLS = 3
+
+
+class CpuTimed:
+    """A stage function that adds the CPU time of its calls' threads to `cpu_s`.
+
+    `time.thread_time` counts the thread's time on a CPU, not its time waiting for the
+    GIL or for I/O: over wall time, it tells whether a function computes or waits.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, batch: bool = False) -> None:
+        self.fn = fn
+        self.batch = batch
+        self.cpu_s = 0.0
+        # the first item and its result, to measure what pickling them costs
+        self.sample: tuple[Any, Any] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any) -> Any:
+        started = time.thread_time()
+        try:
+            result = self.fn(*args)
+        finally:
+            spent = time.thread_time() - started
+            with self._lock:
+                self.cpu_s += spent
+        if self.sample is None:
+            if not self.batch:
+                self.sample = (args[0], result)
+            elif args[0] and isinstance(result, list | tuple) and result:
+                self.sample = (args[0][0], result[0])
+        return result
+
+
+def choose_kind(
+    one: Window,
+    two: Window,
+    cpu_share: float,
+    cores: int,
+    pickle_s: float | None,
+    unpicklable: str | None,
+) -> tuple[str, str]:
+    """Threads or processes for a plain function, from what it did on threads.
+
+    Args:
+        one: A window with 1 call at a time.
+        two: A window with 2 calls at a time.
+        cpu_share: The function's CPU time over its wall time, with 1 call at a time.
+        cores: The cores free to the run.
+        pickle_s: Seconds to pickle and unpickle one item and its result.
+        unpicklable: Why the function, an item or a result cannot be pickled, or None.
+
+    Returns:
+        `thread` or `process`, and the reason in words.
+    """
+    scaling = two.throughput / one.throughput if one.throughput > 0 else 1.0
+    per_item = one.latency_s
+    if cpu_share < CPU_BOUND:
+        return "thread", f"it waits: {cpu_share:.0%} of its time on a CPU"
+    if scaling >= PARALLEL:
+        return "thread", (
+            f"it releases the GIL: 2 threads did {scaling:.1f}x the items of 1 "
+            f"({cpu_share:.0%} of its time on a CPU)"
+        )
+    held = f"it holds the GIL (2 threads did {scaling:.1f}x the items of 1, {cpu_share:.0%} "
+    held += "of its time on a CPU)"
+    if cores < 2:
+        return "thread", f"{held}, but 1 free core: processes cannot add CPU"
+    if unpicklable is not None:
+        return "thread", f"{held}, but {unpicklable}"
+    if pickle_s is None or pickle_s > PICKLE_SHARE * per_item:
+        cost = "unknown" if pickle_s is None else f"{pickle_s * 1e6:,.0f} us"
+        return "thread", (
+            f"{held}, but pickling an item and its result ({cost}) costs too much of the "
+            f"work on it ({per_item * 1e6:,.0f} us)"
+        )
+    return "process", (
+        f"{held}; pickling an item and its result costs {pickle_s / per_item:.0%} of the "
+        f"work on it ({per_item * 1e6:,.0f} us): processes, up to {cores} cores"
+    )
+
+
+def unpicklable(fn: Any) -> str | None:
+    """Why `fn` cannot be pickled for a process, or None if it can."""
+    try:
+        cloudpickle.dumps(fn)
+    except Exception as exc:
+        return f"its function cannot be pickled ({type(exc).__name__}: {exc})"
+    return None
+
+
+def pickling_cost(fn: Any, item: Any, result: Any) -> tuple[float | None, str | None]:
+    """Seconds to pickle and unpickle `item` and `result`, and why `fn` or they cannot be."""
+    if why := unpicklable(fn):
+        return None, why
+    started = time.perf_counter()
+    for what, value in (("an item", item), ("a result", result)):
+        try:
+            pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
+        except Exception as exc:
+            return None, f"{what} cannot be pickled ({type(exc).__name__}: {exc})"
+    return time.perf_counter() - started, None
+
+
+class KindProbe:
+    """`kind: auto` for a plain function: run on threads 1 call at a time, then 2, and
+    choose between threads and processes (see `choose_kind`).
+
+    Args:
+        fn: The stage's function, wrapped to count its CPU time.
+        report: The stage's report (its `idle_s` and `blocked_s` are read).
+        set_limit: Sets the calls at once while the probe runs.
+        clock: Seconds, monotonic.
+    """
+
+    def __init__(
+        self,
+        fn: CpuTimed,
+        report: StageReport,
+        set_limit: Callable[[int], None],
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.fn = fn
+        self.report = report
+        self.set_limit = set_limit
+        self.clock = clock
+        self.choice: tuple[str, str] | None = None
+        self.windows: list[Window] = []
+        self.cpu_share = 0.0
+        self._started: float | None = None
+        set_limit(1)
+
+    def _begin(self, now: float) -> None:
+        self._started = now
+        self._items = self._calls = 0
+        self._busy = 0.0
+        self._cpu_at = self.fn.cpu_s
+        self._starved_at = self.report.idle_s + self.report.blocked_s
+
+    def completed(self, items: int, busy_s: float) -> None:
+        """Count a completed call of `items` items that took `busy_s`."""
+        if self.choice is not None:
+            return
+        now = self.clock()
+        if self._started is None:
+            self._begin(now)  # the first call warms up: not measured
+            return
+        self._items += items
+        self._calls += 1
+        self._busy += busy_s
+        elapsed = now - self._started
+        if elapsed < PROBE_WINDOW_S or self._calls < MIN_PROBE_CALLS:
+            return
+        starved = self.report.idle_s + self.report.blocked_s - self._starved_at
+        if starved > STARVED * elapsed:
+            self._begin(now)  # waiting on its queues: the window says nothing
+            return
+        window = Window(elapsed, self._items, self._busy / max(1, self._items), starved)
+        if not self.windows:
+            self.cpu_share = (self.fn.cpu_s - self._cpu_at) / max(self._busy, 1e-9)
+        self.windows.append(window)
+        self._begin(now)
+        if len(self.windows) == 1:
+            self.set_limit(2)
+            return
+        pickle_s: float | None = None
+        unpicklable: str | None = "no result to measure pickling on"
+        if self.fn.sample is not None:
+            pickle_s, unpicklable = pickling_cost(self.fn.fn, *self.fn.sample)
+        self.choice = choose_kind(
+            self.windows[0], self.windows[1], self.cpu_share, free_cores(), pickle_s, unpicklable
+        )

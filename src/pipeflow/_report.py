@@ -56,6 +56,7 @@ class StageReport:
             seconds from the stage's first result (at most 200).
         decisions: For `workers: auto`, what was measured at each step, as `{t, workers,
             reason}` (at most 200).
+        kind_choice: For `kind: auto`, where the stage ran and why, as `{kind, reason}`.
     """
 
     name: str
@@ -88,6 +89,7 @@ class StageReport:
     workers_auto: dict[str, int] | None = None
     concurrency: list[tuple[float, int]] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    kind_choice: dict[str, str] | None = None
 
 
 @dataclass

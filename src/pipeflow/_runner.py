@@ -40,8 +40,8 @@ import cloudpickle
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _worker
-from ._auto import AdjustableLimiter, LatencyHistogram, tuner_for
+from . import _auto, _worker
+from ._auto import AdjustableLimiter, CpuTimed, KindProbe, LatencyHistogram, tuner_for
 from ._errors import (
     ConfigError,
     ItemTimeout,
@@ -468,6 +468,10 @@ class StageRun:
             self.call = self._stage_call(key)
             if self.worker_timed:
                 self.call = dataclasses.replace(self.call, timeout=stage.timeout)
+        # `kind: auto`: a plain function is measured on threads first (see _auto.KindProbe)
+        self.kind_probe: KindProbe | None = None
+        if stage.auto_kind:
+            self._probe_kind()
 
     def _stage_call(self, key: str) -> StageCall:
         stage = self.stage
@@ -561,7 +565,7 @@ class StageRun:
         pool (it never breaks) whose calls are not bounded for a per-item timeout (which
         needs a task to enforce)."""
         pool = self.pool
-        if pool is None or pool.kind != "thread" or pool.slots is not None:
+        if pool is None or pool.kind != "thread" or pool.slots is not None or self.kind_probe:
             return None
         return pool.executor
 
@@ -632,6 +636,8 @@ class StageRun:
         start = size = 0
         while True:
             await self.limiter.acquire()
+            if self.kind_probe is not None and self.kind_probe.choice is not None:
+                await self._settle_kind()
             if start >= len(values):
                 try:
                     batch = recv.receive_nowait()
@@ -875,7 +881,9 @@ class StageRun:
         self.sizer.observe_values(result.outputs)
         if self.kind != "async":  # an async stage's items are timed one by one
             self.latency.add(result.busy_s / max(1, items), items)
-            if self.tuner is not None:
+            if self.kind_probe is not None:
+                self.kind_probe.completed(items, result.busy_s)
+            elif self.tuner is not None:
                 self.tuner.completed(items, result.busy_s)
 
     def _failed_chunk(self, exc: BaseException) -> ChunkResult:
@@ -1137,6 +1145,71 @@ class StageRun:
             else:
                 collector.add(position, values[position], outcome)
         return collector.result(started)
+
+    # --- kind: auto ---
+
+    def _probe_kind(self) -> None:
+        stage, pool, call = self.stage, self.pool, self.call
+        if pool is None or call is None:
+            self._chose_kind("async", "async def: runs on the event loop")
+        elif pool.switch_to is None or stage.timeout is not None or stage.setup is not None:
+            self._chose_kind("thread", "with a timeout or a setup, it stays on threads")
+        elif unpicklable := _auto.unpicklable(stage.fn):
+            self._chose_kind("thread", f"{unpicklable}: it stays on threads")
+        else:
+            timed = CpuTimed(stage.fn, batch=stage.op == "map_batch")
+            self.call = dataclasses.replace(call, fn=timed)
+            if not isinstance(self.limiter, AdjustableLimiter):
+                self.limiter = AdjustableLimiter(self.in_flight)  # type: ignore[assignment]
+            assert isinstance(self.limiter, AdjustableLimiter)
+            self.kind_probe = KindProbe(timed, self.report, self.limiter.set_limit)
+
+    def _chose_kind(self, kind: str, reason: str) -> None:
+        self.report.kind_choice = {"kind": kind, "reason": reason}
+        logger.info("kind_chosen", stage=self.name, kind=kind, reason=reason)
+
+    async def _settle_kind(self) -> None:
+        """Apply `kind: auto`'s choice, at a chunk boundary: a move to processes waits
+        for every call in flight to end, so no item is lost or run twice."""
+        probe, self.kind_probe = self.kind_probe, None
+        assert probe is not None and probe.choice is not None and self.pool is not None
+        kind, reason = probe.choice
+        limiter, threads = self.limiter, self.pool
+        assert isinstance(limiter, AdjustableLimiter) and self.call is not None
+        processes = threads.switch_to
+        if kind == "process" and processes is not None:
+            await limiter.drain()
+            self.pool = processes
+            try:
+                call = self._stage_call(self.call.key)
+            except ConfigError as exc:
+                self.pool, kind, reason = threads, "thread", f"{reason}; but {exc}"
+            else:
+                processes.lazy = False
+                await anyio.to_thread.run_sync(processes.start)
+                await anyio.to_thread.run_sync(_worker.thread_teardowns, self.call.key)
+                self.call, self.kind = call, "process"
+                fixed = None if self.stage.batch == "auto" else int(self.stage.batch)
+                self.sizer = _ChunkSizer(fixed, "process")
+                self.workers = processes.workers
+                self.in_flight = self.workers * (1 if self.tuner is not None else 2)
+                self.report.kind, self.report.workers = "process", self.workers
+                self.report.pool_start_s += processes.start_s
+                if self.tuner is not None:
+                    self.tuner = tuner_for(
+                        self.stage.auto_workers,
+                        "process",
+                        self.workers,
+                        self.report,
+                        self._set_workers,
+                    )
+        self._chose_kind(kind, reason)
+        if self.tuner is not None:
+            assert self.tuner is not None
+            self.workers = self.in_flight
+            self._set_workers(self.tuner.controller.limit)
+        else:
+            limiter.set_limit(self.in_flight)
 
     def _item_done(self, seconds: float) -> None:
         self.latency.add(seconds)

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 PoolKind = Literal["thread", "process", "dask"]
-Kind = Literal["async", PoolKind]
+Kind = Literal["async", PoolKind, "auto"]
 Op = Literal["map", "filter", "flat_map", "map_batch"]
 OnError = Literal["fail", "skip", "dead_letter"]
 StartMethod = Literal["forkserver", "spawn", "fork"]
@@ -268,6 +268,9 @@ class Stage:
             private `distributed.LocalCluster` of `workers` processes; share a `Pool` to
             reach an existing scheduler). By default `async` for a coroutine function,
             else `thread`. Not with `executor`, which decides where the stage runs.
+            `auto`: `async` for a coroutine function; a plain one starts on threads and
+            may move to processes once, early in the run, from what it measures there
+            (see `_auto.choose_kind`); the report's `kind_choice` says why.
         workers: Pool size, or concurrent tasks for `async`. Ignored with `executor`.
             `"auto"` (or `{"min": 1, "max": 64}`) tunes the stage's concurrency while
             it runs, from its measured throughput (see `_auto`); a process stage then
@@ -306,6 +309,8 @@ class Stage:
     retry: Retry | None = field(init=False, default=None)
     # `workers: auto`: its (min, max), each None for the kind's default
     auto_workers: tuple[int | None, int | None] | None = field(init=False, default=None)
+    # `kind: auto` was asked for (an async def's kind is then `async`)
+    auto_kind: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
@@ -313,6 +318,10 @@ class Stage:
         if self.name is None:
             self.name = _name_of(self.fn)
         is_async = _is_async_callable(self.fn)
+        if self.kind == "auto":
+            self.auto_kind = True
+            if is_async:
+                self.kind = "async"
         if self.kind is None and self.executor is None:
             self.kind = "async" if is_async else "thread"
         problems: list[Problem] = []
@@ -338,6 +347,7 @@ class Stage:
             )
         # a stage given an executor runs on that pool: its own workers are never started
         kind = self.kind if self.executor is None else None
+        kind = "thread" if kind == "auto" else kind  # it starts on threads
         auto_problem, self.auto_workers = _auto_problem(self.workers)
         if auto_problem:
             problem(auto_problem, "workers")

@@ -169,7 +169,19 @@ def print_summary(console: Console, report: RunReport) -> None:
 
 
 def auto_choice(stage: StageReport) -> str | None:
-    """What `workers: auto` chose for a stage and the last reason why, or None."""
+    """What `kind: auto` and `workers: auto` chose for a stage, and why, or None."""
+    lines = []
+    if stage.kind_choice:
+        lines.append(
+            f"{stage.name}: kind auto chose {stage.kind_choice['kind']} "
+            f"({stage.kind_choice['reason']})"
+        )
+    if workers := _workers_choice(stage):
+        lines.append(workers)
+    return "\n".join(lines) or None
+
+
+def _workers_choice(stage: StageReport) -> str | None:
     if not stage.workers_auto:
         return None
     bounds = f"{stage.workers_auto['min']}-{stage.workers_auto['max']}"
