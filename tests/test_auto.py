@@ -19,6 +19,7 @@ import pipeflow
 from pipeflow import _auto
 from pipeflow._auto import (
     PROBE_EVERY,
+    WINDOW_S,
     AdjustableLimiter,
     ConcurrencyController,
     Decision,
@@ -226,7 +227,7 @@ def test_the_tuner_records_each_change_and_applies_it() -> None:
     report = StageReport("s", "thread", 64)
     tuner = StageTuner(1, 64, 4, report, applied.append, clock=lambda: now[0])
     assert report.workers == 4 and report.workers_auto == {"min": 1, "max": 64}
-    for _ in range(70):  # 0.7 s: a few windows, no probe yet
+    for _ in range(round(7 * WINDOW_S / 0.01)):  # a few windows, no probe yet
         now[0] += 0.01
         # every worker completes a 10 ms call each 10 ms: throughput grows with workers
         tuner.completed(report.workers, 0.01 * report.workers, calls=report.workers)

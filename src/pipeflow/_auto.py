@@ -61,7 +61,7 @@ PROBE_EVERY = 6
 # a window whose stage waited on its queues for more than this share of it is not counted
 STARVED = 0.5
 # a window lasts at least this long, and holds at least MIN_CALLS completed calls
-WINDOW_S = 0.1
+WINDOW_S = 0.05
 MIN_CALLS = 4
 # the report keeps at most this many concurrency changes and decisions
 MAX_HISTORY = 200
