@@ -391,3 +391,24 @@ def test_kind_auto_runs_an_async_def_on_the_loop(tmp_path: Path) -> None:
     outputs, report = run_command(tmp_path, stage, items=50, expect="work: kind auto chose async")
     assert sorted(n for n, _ in outputs) == list(range(50))
     assert report["stages"][0]["kind"] == "async"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("kind", "fn"), [("thread", fns.waits_counting), ("async", fns.waits_counting_async)]
+)
+async def test_a_stage_never_runs_more_calls_at_once_than_its_current_limit(
+    monkeypatch: pytest.MonkeyPatch, kind: str, fn: Callable[[int], Any]
+) -> None:
+    # the controller keeps its start (4) while the pool has room for 16
+    monkeypatch.setattr(ConcurrencyController, "observe", lambda self, window, t=0.0: None)
+    pipeline = pipeflow.Pipeline(
+        [pipeflow.Stage(fn, kind=kind, workers={"min": 1, "max": 16}, batch=1)],  # type: ignore[arg-type]
+        sink=pipeflow.ListSink(),
+    )
+    with anyio.fail_after(50):
+        report = await pipeline.run(range(400))
+    outputs = pipeline.sink.items  # type: ignore[attr-defined]
+    assert sorted(n for n, _ in outputs) == list(range(400))
+    assert max(seen for _, seen in outputs) <= _auto.START
+    assert report.stages[0].workers == _auto.START
