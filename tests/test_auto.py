@@ -412,3 +412,28 @@ async def test_a_stage_never_runs_more_calls_at_once_than_its_current_limit(
     assert sorted(n for n, _ in outputs) == list(range(400))
     assert max(seen for _, seen in outputs) <= _auto.START
     assert report.stages[0].workers == _auto.START
+
+
+def test_the_summary_and_the_live_display_say_what_auto_chose() -> None:
+    import io
+
+    from rich.console import Console
+
+    from pipeflow._cli.console import LiveProgress, print_summary
+    from pipeflow._report import RunReport
+
+    stage = StageReport("fetch", "process", 2, items_in=10, items_out=10)
+    stage.workers_auto = {"min": 1, "max": 2}
+    stage.concurrency = [(0.0, 1), (0.2, 2)]
+    stage.decisions = [{"t": 0.2, "workers": 2, "reason": "trying 2"}]
+    stage.kind_choice = {"kind": "process", "reason": "it holds the GIL"}
+    report = RunReport("p", status="ok", stages=[stage])
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    print_summary(console, report)
+    text = out.getvalue()
+    assert "fetch: kind auto chose process (it holds the GIL)" in text
+    assert "fetch: workers auto chose 2 of 1-2 (path 1 -> 2; last: trying 2)" in text
+    live = io.StringIO()
+    Console(file=live, width=200).print(LiveProgress(console).render(report))
+    assert "process x2 auto" in live.getvalue()
