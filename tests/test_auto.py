@@ -316,6 +316,20 @@ ONE = Window(1.0, 100, 0.01)
 
 
 @pytest.mark.parametrize(
+    ("cpu_scaling", "kind", "why"),
+    [(1.05, "process", "holds the GIL"), (1.8, "thread", "releases the GIL")],
+)
+def test_choose_kind_believes_the_cpu_time_two_threads_got_over_their_items(
+    cpu_scaling: float, kind: str, why: str
+) -> None:
+    # items per second move with whatever else the machine runs; a thread waiting for the
+    # GIL gets no CPU time, one that released it does
+    same = Window(1.0, 100, 0.02)
+    chosen, reason = choose_kind(ONE, same, 0.95, 2, 1e-6, None, cpu_scaling)
+    assert chosen == kind and why in reason
+
+
+@pytest.mark.parametrize(
     ("two", "cpu_share", "cores", "pickle_s", "unpicklable", "kind", "why"),
     [
         (Window(1.0, 200, 0.01), 0.02, 2, 1e-6, None, "thread", "it waits"),
@@ -437,3 +451,10 @@ def test_the_summary_and_the_live_display_say_what_auto_chose() -> None:
     live = io.StringIO()
     Console(file=live, width=200).print(LiveProgress(console).render(report))
     assert "process x2 auto" in live.getvalue()
+
+
+def test_kind_auto_says_so_when_the_input_ends_before_it_could_measure(tmp_path: Path) -> None:
+    stage = "  - name: work\n    fn: fns:square\n    kind: auto\n"
+    outputs, report = run_command(tmp_path, stage, items=3, expect="work: kind auto chose thread")
+    assert sorted(outputs) == [0, 1, 4]
+    assert "before it was measured" in report["stages"][0]["kind_choice"]["reason"]

@@ -472,9 +472,10 @@ def tuner_for(
 
 # --- kind: auto -----------------------------------------------------------------------------
 
-# a function on a CPU less than this share of its time waits (I/O, sleep): threads (a
-# computing one gets less than a whole core on a busy machine, rarely under a quarter)
-CPU_BOUND = 0.25
+# a function that wants a CPU (runs, or waits for one on a busy machine) less than this
+# share of its time waits (I/O, sleep): threads. A waiting thread that wakes on a busy
+# machine waits for a CPU too, so this is not much under the whole.
+CPU_BOUND = 0.6
 # 2 threads doing this many times the items of 1 run in parallel: the GIL is released
 PARALLEL = 1.3
 # processes are chosen only if pickling an item and its result costs less than this
@@ -523,16 +524,22 @@ def choose_kind(
     cores: int,
     pickle_s: float | None,
     unpicklable: str | None,
+    cpu_scaling: float | None = None,
 ) -> tuple[str, str]:
     """Threads or processes for a plain function, from what it did on threads.
 
     Args:
         one: A window with 1 call at a time.
         two: A window with 2 calls at a time.
-        cpu_share: The function's CPU time over its wall time, with 1 call at a time.
+        cpu_share: The share of its wall time the function wanted a CPU (ran, or waited
+            for one on a busy machine), with 1 call at a time.
         cores: The cores free to the run.
         pickle_s: Seconds to pickle and unpickle one item and its result.
         unpicklable: Why the function, an item or a result cannot be pickled, or None.
+        cpu_scaling: The CPU seconds per second the pool's threads got with 2 calls at
+            once over those with 1, where the system tells it (Linux): a thread waiting
+            for the GIL sleeps, so a function that holds it gets no more CPU from a second
+            thread. Without it, the items per second of the two windows are compared.
 
     Returns:
         `thread` or `process`, and the reason in words.
@@ -540,14 +547,16 @@ def choose_kind(
     scaling = two.throughput / one.throughput if one.throughput > 0 else 1.0
     per_item = one.latency_s
     if cpu_share < CPU_BOUND:
-        return "thread", f"it waits: {cpu_share:.0%} of its time on a CPU"
-    if scaling >= PARALLEL:
-        return "thread", (
-            f"it releases the GIL: 2 threads did {scaling:.1f}x the items of 1 "
-            f"({cpu_share:.0%} of its time on a CPU)"
-        )
-    held = f"it holds the GIL (2 threads did {scaling:.1f}x the items of 1, {cpu_share:.0%} "
-    held += "of its time on a CPU)"
+        return "thread", f"it waits: it wanted a CPU {cpu_share:.0%} of its time"
+    if cpu_scaling is not None:
+        parallel = cpu_scaling >= PARALLEL
+        measured = f"2 threads got {cpu_scaling:.1f}x the CPU time of 1"
+    else:
+        parallel = scaling >= PARALLEL
+        measured = f"2 threads did {scaling:.1f}x the items of 1"
+    if parallel:
+        return "thread", f"it releases the GIL ({measured})"
+    held = f"it holds the GIL ({measured})"
     if cores < 2:
         return "thread", f"{held}, but 1 free core: processes cannot add CPU"
     if unpicklable is not None:
@@ -586,6 +595,24 @@ def pickling_cost(fn: Any, item: Any, result: Any) -> tuple[float | None, str | 
     return time.perf_counter() - started, None
 
 
+def sched_seconds(threads: list[threading.Thread]) -> dict[int, tuple[float, float]] | None:
+    """Seconds each thread ran, and waited for a CPU (Linux's schedstat), by native id."""
+    seconds = {}
+    for thread in threads:
+        ident = thread.native_id
+        if ident is None:
+            continue
+        try:
+            with open(f"/proc/self/task/{ident}/schedstat", "rb") as file:
+                ran, waited = file.read().split()[:2]
+        except (OSError, ValueError):
+            if thread.is_alive():
+                return None  # the system does not tell
+            continue
+        seconds[ident] = (int(ran) / 1e9, int(waited) / 1e9)
+    return seconds
+
+
 class KindProbe:
     """`kind: auto` for a plain function: run on threads 1 call at a time, then 2, and
     choose between threads and processes (see `choose_kind`).
@@ -594,6 +621,7 @@ class KindProbe:
         fn: The stage's function, wrapped to count its CPU time.
         report: The stage's report (its `idle_s` and `blocked_s` are read).
         set_limit: Sets the calls at once while the probe runs.
+        threads: The threads of the stage's pool.
         clock: Seconds, monotonic.
     """
 
@@ -602,9 +630,15 @@ class KindProbe:
         fn: CpuTimed,
         report: StageReport,
         set_limit: Callable[[int], None],
+        threads: Callable[[], list[threading.Thread]] = list,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.fn = fn
+        self.threads = threads
+        # per window: the share of their busy time the threads wanted a CPU (ran, or
+        # waited for one), and the CPU seconds per second they got
+        self.shares: list[float | None] = []
+        self.cpu_rates: list[float] = []
         self.report = report
         self.set_limit = set_limit
         self.clock = clock
@@ -619,6 +653,7 @@ class KindProbe:
         self._items = self._calls = 0
         self._busy = 0.0
         self._cpu_at = self.fn.cpu_s
+        self._sched_at = sched_seconds(self.threads())
         self._starved_at = self.report.idle_s + self.report.blocked_s
 
     def completed(self, items: int, busy_s: float) -> None:
@@ -640,8 +675,20 @@ class KindProbe:
             self._begin(now)  # waiting on its queues: the window says nothing
             return
         window = Window(elapsed, self._items, self._busy / max(1, self._items), starved)
+        busy = max(self._busy, 1e-9)
+        sched, before = sched_seconds(self.threads()), self._sched_at
+        if sched is not None and before is not None:
+            ran = waited = 0.0
+            for ident, (run_s, wait_s) in sched.items():
+                run_before, wait_before = before.get(ident, (0.0, 0.0))
+                ran, waited = ran + run_s - run_before, waited + wait_s - wait_before
+            self.shares.append(min(1.0, (ran + waited) / busy))
+            self.cpu_rates.append(ran / elapsed)
+        else:
+            self.shares.append(None)
         if not self.windows:
-            self.cpu_share = (self.fn.cpu_s - self._cpu_at) / max(self._busy, 1e-9)
+            share = self.shares[0]
+            self.cpu_share = share if share is not None else (self.fn.cpu_s - self._cpu_at) / busy
         self.windows.append(window)
         self._begin(now)
         if len(self.windows) == 1:
@@ -651,6 +698,14 @@ class KindProbe:
         unpicklable: str | None = "no result to measure pickling on"
         if self.fn.sample is not None:
             pickle_s, unpicklable = pickling_cost(self.fn.fn, *self.fn.sample)
+        rates = self.cpu_rates
+        cpu_scaling = rates[1] / rates[0] if len(rates) == 2 and rates[0] > 0 else None
         self.choice = choose_kind(
-            self.windows[0], self.windows[1], self.cpu_share, free_cores(), pickle_s, unpicklable
+            self.windows[0],
+            self.windows[1],
+            self.cpu_share,
+            free_cores(),
+            pickle_s,
+            unpicklable,
+            cpu_scaling,
         )

@@ -42,6 +42,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from . import _auto, _worker
 from ._auto import AdjustableLimiter, CpuTimed, KindProbe, LatencyHistogram, tuner_for
+from ._compat import pool_threads
 from ._errors import (
     ConfigError,
     ItemTimeout,
@@ -527,6 +528,9 @@ class StageRun:
                             self.teardown_failures.append(
                                 (self.name, "event loop", _worker.Collector.failure_of(exc))
                             )
+        if self.kind_probe is not None:  # the input ended before the probe could choose
+            self.kind_probe = None
+            self._chose_kind("thread", "its input ended before it was measured: on threads")
         logger.debug(
             "stage_end",
             stage=self.name,
@@ -1162,7 +1166,9 @@ class StageRun:
             if not isinstance(self.limiter, AdjustableLimiter):
                 self.limiter = AdjustableLimiter(self.in_flight)  # type: ignore[assignment]
             assert isinstance(self.limiter, AdjustableLimiter)
-            self.kind_probe = KindProbe(timed, self.report, self.limiter.set_limit)
+            self.kind_probe = KindProbe(
+                timed, self.report, self.limiter.set_limit, lambda: pool_threads(pool.executor)
+            )
 
     def _chose_kind(self, kind: str, reason: str) -> None:
         self.report.kind_choice = {"kind": kind, "reason": reason}
@@ -1203,6 +1209,11 @@ class StageRun:
                         self.report,
                         self._set_workers,
                     )
+        if self.kind == "thread":
+            # the rest of the run calls the function itself, not its timed wrapper
+            ended = self.call.key
+            self.call = dataclasses.replace(self.call, key=f"{ended}:threads", fn=self.stage.fn)
+            _worker.thread_teardowns(ended)
         self._chose_kind(kind, reason)
         if self.tuner is not None:
             assert self.tuner is not None
