@@ -69,11 +69,11 @@ def _shifting(n: int) -> Callable[..., Any]:
 
 def workloads() -> list[Workload]:
     return [
-        Workload("cpu", (wl.cpu_heavy,), range, 500, 60),
-        Workload("io", (wl.io_sleep,), range, 6000, 200),
-        Workload("hash", (wl.sha256_hex,), lambda n: wl.blobs(n, 64 << 10), 6000, 400),
-        Workload("mix", (wl.io_sleep, wl.cpu_heavy, wl.io_sleep), range, 500, 60),
-        Workload("io_shift", (), range, 3000, 200),
+        Workload("io", (wl.io_sleep,), range, 4000, 200),
+        Workload("io_shift", (), range, 2000, 200),
+        Workload("hash", (wl.sha256_hex,), lambda n: wl.blobs(n, 64 << 10), 4000, 400),
+        Workload("mix", (wl.io_sleep, wl.cpu_heavy, wl.io_sleep), range, 400, 60),
+        Workload("cpu", (wl.cpu_heavy,), range, 400, 60),
     ]
 
 
@@ -152,8 +152,8 @@ def main() -> None:
         )
         for line in chosen:
             print(f"  {line}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        if args.json:  # after each workload: a long run that is stopped keeps what it did
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def summarize(rounds: list[dict[str, float]]) -> dict[str, Any]:
