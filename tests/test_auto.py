@@ -472,3 +472,40 @@ def test_kind_auto_says_so_when_the_input_ends_before_it_could_measure(tmp_path:
     outputs, report = run_command(tmp_path, stage, items=3, expect="work: kind auto chose thread")
     assert sorted(outputs) == [0, 1, 4]
     assert "before it was measured" in report["stages"][0]["kind_choice"]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("workers", "message"),
+    [
+        ("fast", "expected an int, auto or {min: 1, max: 64}, got 'fast'"),
+        ("{min: 0, max: 4}", "workers min must be a positive int, got 0"),
+        ("{min: 5, max: 2}", "workers min (5) must not be above max (2)"),
+        ("{min: 1, most: 3}", "unknown key 'most' in workers; write {min: 1, max: 64}"),
+        ("{max: 5000}", "workers must be at most 1024 for kind thread"),
+    ],
+)
+def test_a_bad_workers_value_is_one_line_at_its_position(
+    tmp_path: Path, workers: str, message: str
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "source:\n  range: {stop: 3}\nstages:\n  - name: sq\n    fn: config_fns:square\n"
+        f"    kind: thread\n    workers: {workers}\nsink:\n  null: {{}}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeflow", "validate", str(config)],
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"{config}:7:14: stages.sq.workers: ")
+    assert message in line
+
+
+def test_workers_auto_on_a_dask_stage_is_refused() -> None:
+    pytest.importorskip("distributed")
+    with pytest.raises(pipeflow.ConfigError, match="workers: auto applies to kinds"):
+        pipeflow.Stage(fns.square, kind="dask", workers="auto")
