@@ -330,16 +330,20 @@ ONE = Window(1.0, 100, 0.01)
 
 
 @pytest.mark.parametrize(
-    ("cpu_scaling", "kind", "why"),
-    [(1.05, "process", "holds the GIL"), (1.8, "thread", "releases the GIL")],
+    ("items_two", "cpu_scaling", "kind", "why"),
+    [
+        (100, 1.05, "process", "holds the GIL"),
+        (100, 1.8, "thread", "releases the GIL"),
+        (150, 1.0, "thread", "releases the GIL"),
+    ],
 )
-def test_choose_kind_believes_the_cpu_time_two_threads_got_over_their_items(
-    cpu_scaling: float, kind: str, why: str
+def test_choose_kind_takes_processes_only_when_items_and_cpu_time_both_say_the_gil_is_held(
+    items_two: int, cpu_scaling: float, kind: str, why: str
 ) -> None:
-    # items per second move with whatever else the machine runs; a thread waiting for the
-    # GIL gets no CPU time, one that released it does
-    same = Window(1.0, 100, 0.02)
-    chosen, reason = choose_kind(ONE, same, 0.95, 2, 1e-6, None, cpu_scaling)
+    # a busy machine blurs items per second and CPU time alike: threads, the default,
+    # unless neither grew with a second thread
+    two = Window(1.0, items_two, 0.02)
+    chosen, reason = choose_kind(ONE, two, 0.95, 2, 1e-6, None, cpu_scaling)
     assert chosen == kind and why in reason
 
 

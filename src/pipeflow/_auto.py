@@ -487,7 +487,7 @@ CPU_BOUND = 0.8
 PARALLEL = 1.3
 # processes are chosen only if pickling an item and its result costs less than this
 # share of the work on the item
-PICKLE_SHARE = 0.5
+PICKLE_SHARE = 0.2
 # each of the two probe windows lasts at least this long and holds MIN_PROBE_CALLS calls
 PROBE_WINDOW_S = 0.1
 MIN_PROBE_CALLS = 3
@@ -555,12 +555,12 @@ def choose_kind(
     per_item = one.latency_s
     if cpu_share < CPU_BOUND:
         return "thread", f"it waits: it wanted a CPU {cpu_share:.0%} of its time"
+    # threads unless both signals say the GIL is held: a busy machine blurs either
+    parallel = scaling >= PARALLEL
+    measured = f"2 threads did {scaling:.1f}x the items of 1"
     if cpu_scaling is not None:
-        parallel = cpu_scaling >= PARALLEL
-        measured = f"2 threads got {cpu_scaling:.1f}x the CPU time of 1"
-    else:
-        parallel = scaling >= PARALLEL
-        measured = f"2 threads did {scaling:.1f}x the items of 1"
+        parallel = parallel or cpu_scaling >= PARALLEL
+        measured += f" and got {cpu_scaling:.1f}x its CPU time"
     if parallel:
         return "thread", f"it releases the GIL ({measured})"
     held = f"it holds the GIL ({measured})"
