@@ -16,7 +16,7 @@ import pytest
 
 import fns
 import pipeflow
-from pipeflow import _auto
+from pipeflow import _auto, _kind
 from pipeflow._auto import (
     PROBE_EVERY,
     WINDOW_S,
@@ -27,9 +27,9 @@ from pipeflow._auto import (
     StageTuner,
     Window,
     auto_bounds,
-    choose_kind,
     free_cores,
 )
+from pipeflow._kind import choose_kind
 from pipeflow._pools import pool_for
 from pipeflow._report import StageReport
 
@@ -377,7 +377,7 @@ async def test_a_switch_to_processes_loses_and_repeats_no_item(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # whatever this machine measures, the probe chooses processes: the switch is tested
-    monkeypatch.setattr(_auto, "choose_kind", lambda *args: ("process", "chosen by the test"))
+    monkeypatch.setattr(_kind, "choose_kind", lambda *args: ("process", "chosen by the test"))
     pipeline = pipeflow.Pipeline(
         [pipeflow.Stage(fns.holds_the_gil, kind="auto", workers=2)], sink=pipeflow.ListSink()
     )

@@ -40,8 +40,8 @@ import cloudpickle
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _auto, _worker
-from ._auto import AdjustableLimiter, CpuTimed, KindProbe, LatencyHistogram, tuner_for
+from . import _kind, _worker
+from ._auto import AdjustableLimiter, LatencyHistogram, tuner_for
 from ._compat import pool_threads
 from ._errors import (
     ConfigError,
@@ -52,6 +52,7 @@ from ._errors import (
     WorkerCrashed,
     short_repr,
 )
+from ._kind import CpuTimed, KindProbe
 from ._log import logger
 from ._plan import RunPlan
 from ._pools import PoolHandle
@@ -1158,7 +1159,7 @@ class StageRun:
             self._chose_kind("async", "async def: runs on the event loop")
         elif pool.switch_to is None or stage.timeout is not None or stage.setup is not None:
             self._chose_kind("thread", "with a timeout or a setup, it stays on threads")
-        elif unpicklable := _auto.unpicklable(stage.fn):
+        elif unpicklable := _kind.unpicklable(stage.fn):
             self._chose_kind("thread", f"{unpicklable}: it stays on threads")
         else:
             timed = CpuTimed(stage.fn, batch=stage.op == "map_batch")
