@@ -473,3 +473,49 @@ def loaded_modules(item: Any) -> list[str]:
     import sys
 
     return sorted(sys.modules)
+
+
+# --- workers: auto (test_auto.py) ---
+
+_running = 0
+_running_lock = threading.Lock()
+
+
+def waits_counting(n: int) -> list[int]:
+    """Waits 2 ms like I/O; returns [n, how many calls ran at once as it started]."""
+    global _running
+    with _running_lock:
+        _running += 1
+        seen = _running
+    try:
+        time.sleep(0.002)
+    finally:
+        with _running_lock:
+            _running -= 1
+    return [n, seen]
+
+
+_running_async = 0
+
+
+async def waits_counting_async(n: int) -> list[int]:
+    """Waits 2 ms on the loop; returns [n, how many coroutines ran at once as it started]."""
+    import asyncio
+
+    global _running_async
+    _running_async += 1
+    seen = _running_async
+    try:
+        await asyncio.sleep(0.002)
+    finally:
+        _running_async -= 1
+    return [n, seen]
+
+
+def holds_the_gil(n: int) -> int:
+    """About 2 ms of pure-Python work: it holds the GIL, so threads add no throughput."""
+    total = 0
+    deadline = time.perf_counter() + 0.002
+    while time.perf_counter() < deadline:
+        total += 1
+    return n

@@ -88,7 +88,7 @@ async def test_a_lent_executor_alone_runs_the_stage() -> None:
 
 
 def test_the_vocabulary_is_declared_once() -> None:
-    assert _stage.KINDS == typing.get_args(_stage.Kind) == ("async", *_stage.POOL_KINDS)
+    assert _stage.KINDS == typing.get_args(_stage.Kind) == ("async", *_stage.POOL_KINDS, "auto")
     stage_schema = pipeflow.schema()["$defs"]["StageSpec"]["properties"]
     choices = {key: stage_schema[key]["anyOf"][0]["enum"] for key in ("op", "on_error")}
     assert choices == {"op": list(_stage.OPS), "on_error": list(_stage.ON_ERROR)}

@@ -197,7 +197,11 @@ def test_overrides_address_stages_by_name_and_parse_values_as_yaml(tmp_path: Pat
             "2",
             "stages.square.wrokers: unknown key 'wrokers', did you mean 'workers'?",
         ),
-        ("stages.square.workers", "many", "stages.square.workers: expected an int, got 'many'"),
+        (
+            "stages.square.workers",
+            "many",
+            "stages.square.workers: expected an int, auto or {min: 1, max: 64}, got 'many'",
+        ),
         ("source.items.x", "1", "source.items: no such key in the config"),
         ("source.range.stop.x", "1", "source.range.stop: is an int, not a mapping"),
         ("stages..workers", "1", "not a path"),
@@ -220,7 +224,7 @@ BROKEN_EXPECTED = {
     "unknown_key.yaml": [(7, 5, "stages.square.wrokers", "did you mean 'workers'?")],
     "wrong_type.yaml": [
         (2, 27, "source.range.stop", "expected an int, got 'ten'"),
-        (7, 14, "stages.square.workers", "expected an int, got 'many'"),
+        (7, 14, "stages.square.workers", "expected an int, auto or {min: 1, max: 64}, got 'many'"),
         (8, 14, "stages.square.ordered", "expected true or false, got a list"),
     ],
     "missing_fn.yaml": [

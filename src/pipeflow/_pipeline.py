@@ -265,11 +265,12 @@ class Pipeline:
         """Each stage's name, kind, workers, op and queue bound, as a graph would show them."""
         rows = []
         for stage, pool in self.plan().stages:
+            workers = pool.workers if pool else stage.workers
             rows.append(
                 {
                     "name": stage.name,
-                    "kind": pool.kind if pool else "async",
-                    "workers": pool.workers if pool else stage.workers,
+                    "kind": "auto" if stage.kind == "auto" else pool.kind if pool else "async",
+                    "workers": "auto" if stage.auto_workers else workers,
                     "executor": pool.name if pool and isinstance(stage.executor, str) else None,
                     "op": stage.op,
                     "ordered": stage.ordered,

@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from . import _compat, _dask, _worker
+from . import _auto, _compat, _dask, _worker
 from ._errors import CrashLoop, PoolStartError
 from ._stage import Pool, Stage
 
@@ -234,6 +234,12 @@ class PoolHandle:
         self._dead_seen: tuple[concurrent.futures.Executor, float] | None = None
         # set when a stage with a timeout uses the pool (see bound_calls)
         self.slots: asyncio.Semaphore | None = None
+        # processes spawned at start-up, if not all (`workers: auto` spawns the rest as
+        # its stage raises its concurrency)
+        self.prespawn: int | None = None
+        # `kind: auto`: the process pool a thread stage may move to, started only then
+        self.switch_to: PoolHandle | None = None
+        self.lazy = False
         self.kind: str
         if executor is None:
             assert spec is not None
@@ -254,7 +260,7 @@ class PoolHandle:
 
     def start(self) -> None:
         """Create the pool (if owned) and spawn its workers. Blocking: call from a thread."""
-        if not self.owned or self.executor is not None:
+        if not self.owned or self.executor is not None or self.lazy:
             return
         started = time.perf_counter()
         self.executor = self._create()
@@ -362,10 +368,10 @@ class PoolHandle:
             initargs=(list(sys.path), os.getpid()),
             max_tasks_per_child=self.spec.max_tasks_per_child,
         )
-        # spawn every worker now, so start-up is paid (and measured) before the work; the
+        # spawn the workers now, so start-up is paid (and measured) before the work; the
         # call is a builtin, so that a worker imports nothing for it (a function of this
         # module would make each worker import the engine, structlog and rich: ~0.4 s)
-        started = [executor.submit(os.getpid) for _ in range(self.spec.workers)]
+        started = [executor.submit(os.getpid) for _ in range(self.prespawn or self.spec.workers)]
         concurrent.futures.wait(started)
         _compat.skip_cancelled_calls_when_broken(executor)
         self._processes = _compat.pool_processes(executor)
@@ -539,6 +545,29 @@ def pool_for(
     if stage.kind == "async" or stage.kind is None:
         return None
     key = f"stage:{stage.name}"
-    spec = Pool(stage.kind, stage.workers, start_method=stage.start_method)
+    if stage.kind == "auto":
+        return _auto_kind_pools(stage, key, pools)
+    spec = Pool(stage.kind, stage.pool_workers, start_method=stage.start_method)
     pools[key] = PoolHandle(stage.name or "stage", spec=spec)
+    if stage.auto_workers is not None:
+        pools[key].prespawn = min(stage.auto_workers[0] or 1, stage.pool_workers)
     return pools[key]
+
+
+def _auto_kind_pools(stage: Stage, key: str, pools: dict[str, PoolHandle]) -> PoolHandle:
+    """A `kind: auto` stage's thread pool, and the process pool it may move to (as many
+    processes as `workers` asks, never more than the free cores), started only then."""
+    name = stage.name or "stage"
+    threads = PoolHandle(name, spec=Pool("thread", stage.pool_workers))
+    if stage.auto_workers is not None:
+        processes = _auto.auto_bounds("process", *stage.auto_workers)[1]
+    else:
+        processes = min(stage.pool_workers, _auto.free_cores())
+    spec = Pool("process", processes, start_method=stage.start_method)
+    threads.switch_to = PoolHandle(name, spec=spec)
+    threads.switch_to.lazy = True
+    if stage.auto_workers is not None:
+        threads.switch_to.prespawn = 1
+    pools[key] = threads
+    pools[f"{key}:process"] = threads.switch_to
+    return threads

@@ -46,6 +46,17 @@ class StageReport:
         queue_high_water: The most batches its input queue ever held.
         pool_start_s: Seconds spent creating the stage's pool.
         by_worker: Items handled per worker (`pid N` or a thread name).
+        latency_p50_s: Seconds per item in the worker, median (a call's time over its
+            items; for an async stage, each coroutine's own time).
+        latency_p90_s: The same, 90th percentile.
+        latency_p99_s: The same, 99th percentile.
+        workers_auto: For `workers: auto`, its bounds `{min, max}`; `workers` is then the
+            concurrency the stage ended with.
+        concurrency: For `workers: auto`, each change of concurrency as `(t, workers)`,
+            seconds from the stage's first result (at most 200).
+        decisions: For `workers: auto`, what was measured at each step, as `{t, workers,
+            reason}` (at most 200).
+        kind_choice: For `kind: auto`, where the stage ran and why, as `{kind, reason}`.
     """
 
     name: str
@@ -72,6 +83,13 @@ class StageReport:
     queue_high_water: int = 0
     pool_start_s: float = 0.0
     by_worker: dict[str, int] = field(default_factory=dict)
+    latency_p50_s: float = 0.0
+    latency_p90_s: float = 0.0
+    latency_p99_s: float = 0.0
+    workers_auto: dict[str, int] | None = None
+    concurrency: list[tuple[float, int]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    kind_choice: dict[str, str] | None = None
 
 
 @dataclass

@@ -40,7 +40,9 @@ import cloudpickle
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _group, _identity, _rate, _shipping, _worker
+from . import _group, _identity, _kind, _rate, _shipping, _worker
+from ._auto import AdjustableLimiter, LatencyHistogram, tuner_for
+from ._compat import pool_threads
 from ._errors import (
     ConfigError,
     ItemTimeout,
@@ -50,6 +52,7 @@ from ._errors import (
     WorkerCrashed,
     short_repr,
 )
+from ._kind import CpuTimed, KindProbe
 from ._log import logger
 from ._plan import RunPlan
 from ._pools import PoolHandle
@@ -413,7 +416,7 @@ class StageRun:
         self.name: str = stage.name or "stage"
         self.pool = pool
         self.kind = pool.kind if pool is not None else "async"
-        self.workers = pool.workers if pool is not None else stage.workers
+        self.workers = pool.workers if pool is not None else stage.pool_workers
         # A process worker times each of its items itself (see _worker._run_timed), so a
         # call may hold many items. Elsewhere the parent's clock is an item's only clock:
         # each call holds one item, except a map_batch call, which holds the batch the
@@ -462,6 +465,15 @@ class StageRun:
         self.report = StageReport(
             name=self.name, kind=self.kind, workers=self.workers, queue_size=stage.queue_size
         )
+        self.latency = LatencyHistogram()
+        # `workers: auto`: a tuner sets the concurrency from here on (see _auto)
+        self.tuner = tuner_for(
+            stage.auto_workers, self.kind, self.workers, self.report, self._set_workers
+        )
+        if self.tuner is not None:
+            self.in_flight = self.workers  # each call holds a worker: the limit is exact
+            self.limiter = AdjustableLimiter(self.in_flight)  # type: ignore[assignment]
+            self._set_workers(self.tuner.controller.limit)
         self.retry = stage.retry
         self.random = random.Random()
         self.call: StageCall | None = None
@@ -478,6 +490,10 @@ class StageRun:
                 self.call = dataclasses.replace(self.call, worker_info=self.worker_info)
         # the call sent by default when the callables go to each worker once (see _shipping)
         self.light_call = _shipping.light_call(self.call, pool) if self.call else None
+        # `kind: auto`: a plain function is measured on threads first (see _auto.KindProbe)
+        self.kind_probe: KindProbe | None = None
+        if stage.auto_kind:
+            self._probe_kind()
 
     def _stage_call(self, key: str) -> StageCall:
         stage = self.stage
@@ -548,6 +564,9 @@ class StageRun:
                             self.teardown_failures.append(
                                 (self.name, "event loop", _worker.Collector.failure_of(exc))
                             )
+        if self.kind_probe is not None:  # the input ended before the probe could choose
+            self.kind_probe = None
+            self._chose_kind("thread", "its input ended before it was measured: on threads")
         logger.debug(
             "stage_end",
             stage=self.name,
@@ -586,7 +605,13 @@ class StageRun:
         pool (it never breaks) whose calls are not bounded for a per-item timeout (which
         needs a task to enforce)."""
         pool = self.pool
-        if pool is None or pool.kind != "thread" or pool.slots is not None or self.pacer:
+        if (
+            pool is None
+            or pool.kind != "thread"
+            or pool.slots is not None
+            or self.pacer
+            or self.kind_probe
+        ):
             return None
         return pool.executor
 
@@ -694,6 +719,8 @@ class StageRun:
         start = size = 0
         while True:
             await self.limiter.acquire()
+            if self.kind_probe is not None and self.kind_probe.choice is not None:
+                await self._settle_kind()
             if start >= len(values):
                 try:
                     batch = recv.receive_nowait()
@@ -935,6 +962,12 @@ class StageRun:
         by_worker[result.worker] = by_worker.get(result.worker, 0) + items
         self.sizer.observe(items, result.busy_s)
         self.sizer.observe_values(result.outputs)
+        if self.kind != "async":  # an async stage's items are timed one by one
+            self.latency.add(result.busy_s / max(1, items), items)
+            if self.kind_probe is not None:
+                self.kind_probe.completed(items, result.busy_s)
+            elif self.tuner is not None:
+                self.tuner.completed(items, result.busy_s)
 
     def _failed_chunk(self, exc: BaseException) -> ChunkResult:
         collector = Collector(self.stage.op)
@@ -1171,6 +1204,7 @@ class StageRun:
                     value = values[position]
                     if starts is not None:
                         await _rate.wait_until(starts[position])
+                    item_started = time.perf_counter()
                     try:
                         call = TimedSteps(
                             fn(value, state) if has_state else fn(value), self._loop_blocked
@@ -1186,6 +1220,7 @@ class StageRun:
                         )
                     except Exception as exc:
                         outcomes[position] = _AsyncFailure(exc)
+                    self._item_done(time.perf_counter() - item_started)
                     if growing and next_position < count:
                         grow()
             finally:
@@ -1217,6 +1252,94 @@ class StageRun:
                 collector.add(position, values[position], outcome)
         return collector.result(started)
 
+    # --- kind: auto ---
+
+    def _probe_kind(self) -> None:
+        stage, pool, call = self.stage, self.pool, self.call
+        if pool is None or call is None:
+            self._chose_kind("async", "async def: runs on the event loop")
+        elif pool.switch_to is None or stage.timeout is not None or stage.setup is not None:
+            self._chose_kind("thread", "with a timeout or a setup, it stays on threads")
+        elif unpicklable := _kind.unpicklable(stage.fn):
+            self._chose_kind("thread", f"{unpicklable}: it stays on threads")
+        else:
+            timed = CpuTimed(stage.fn, batch=stage.op == "map_batch")
+            self.call = dataclasses.replace(call, fn=timed)
+            if not isinstance(self.limiter, AdjustableLimiter):
+                self.limiter = AdjustableLimiter(self.in_flight)  # type: ignore[assignment]
+            assert isinstance(self.limiter, AdjustableLimiter)
+            self.kind_probe = KindProbe(
+                timed, self.report, self.limiter.set_limit, lambda: pool_threads(pool.executor)
+            )
+
+    def _chose_kind(self, kind: str, reason: str) -> None:
+        self.report.kind_choice = {"kind": kind, "reason": reason}
+        logger.info("kind_chosen", stage=self.name, kind=kind, reason=reason)
+
+    async def _settle_kind(self) -> None:
+        """Apply `kind: auto`'s choice, at a chunk boundary: a move to processes waits
+        for every call in flight to end, so no item is lost or run twice."""
+        probe, self.kind_probe = self.kind_probe, None
+        assert probe is not None and probe.choice is not None and self.pool is not None
+        kind, reason = probe.choice
+        limiter, threads = self.limiter, self.pool
+        assert isinstance(limiter, AdjustableLimiter) and self.call is not None
+        processes = threads.switch_to
+        if kind == "process" and processes is not None:
+            await limiter.drain()
+            self.pool = processes
+            try:
+                call = self._stage_call(self.call.key)
+            except ConfigError as exc:
+                self.pool, kind, reason = threads, "thread", f"{reason}; but {exc}"
+            else:
+                processes.lazy = False
+                await anyio.to_thread.run_sync(processes.start)
+                await anyio.to_thread.run_sync(_worker.thread_teardowns, self.call.key)
+                self.call, self.kind = call, "process"
+                self.light_call = _shipping.light_call(call, processes)
+                fixed = None if self.stage.batch == "auto" else int(self.stage.batch)
+                self.sizer = _ChunkSizer(fixed, "process")
+                self.workers = processes.workers
+                self.in_flight = self.workers * (1 if self.tuner is not None else 2)
+                self.report.kind, self.report.workers = "process", self.workers
+                self.report.pool_start_s += processes.start_s
+                if self.tuner is not None:
+                    self.tuner = tuner_for(
+                        self.stage.auto_workers,
+                        "process",
+                        self.workers,
+                        self.report,
+                        self._set_workers,
+                    )
+        if self.kind == "thread":
+            # the rest of the run calls the function itself, not its timed wrapper
+            ended = self.call.key
+            self.call = dataclasses.replace(self.call, key=f"{ended}:threads", fn=self.stage.fn)
+            _worker.thread_teardowns(ended)
+        self._chose_kind(kind, reason)
+        if self.tuner is not None:
+            assert self.tuner is not None
+            self.workers = self.in_flight
+            self._set_workers(self.tuner.controller.limit)
+        else:
+            limiter.set_limit(self.in_flight)
+
+    def _item_done(self, seconds: float) -> None:
+        self.latency.add(seconds)
+        if self.tuner is not None:
+            self.tuner.completed(1, seconds)
+
+    def _set_workers(self, workers: int) -> None:
+        """Run at most `workers` calls, or coroutines, at once from now on."""
+        added, self.workers = workers - self.workers, workers
+        assert isinstance(self.limiter, AdjustableLimiter)
+        self.limiter.set_limit(workers)
+        if added < 0:
+            self.lanes_free += added  # lanes in use end as they come back
+        for _ in range(added):
+            self._release_lane()
+
     async def _take_lane(self) -> None:
         if self.lanes_free > 0 and not self.lane_waiters:
             self.lanes_free -= 1
@@ -1233,6 +1356,9 @@ class StageRun:
             raise
 
     def _release_lane(self) -> None:
+        if self.lanes_free < 0:  # workers: auto took lanes away: this one goes
+            self.lanes_free += 1
+            return
         waiters = self.lane_waiters
         while waiters:
             waiter = waiters.popleft()
@@ -1406,6 +1532,8 @@ class Runner:
             if teardown_error is not None:
                 self._fail(report, teardown_error)
             self._count_in_flight()
+            for stage in self.stages:
+                stage.latency.fill(stage.report)
             logger.info(
                 "run_end",
                 pipeline=report.name,

@@ -12,10 +12,11 @@ import functools
 import importlib.util
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from ._auto import auto_bounds
 from ._errors import ConfigError, Problem
 from ._group import Group
 from ._rate import Rate
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 PoolKind = Literal["thread", "process", "dask"]
-Kind = Literal["async", PoolKind]
+Kind = Literal["async", PoolKind, "auto"]
 Op = Literal["map", "filter", "flat_map", "map_batch"]
 OnError = Literal["fail", "skip", "dead_letter"]
 StartMethod = Literal["forkserver", "spawn", "fork"]
@@ -80,6 +81,29 @@ MAX_CONCURRENCY = 10_000  # async tasks of a stage, calls in flight on a remote 
 def max_processes() -> int:
     """The most worker processes one pool may start: 4 per core, and at least 32."""
     return max(32, 4 * (os.cpu_count() or 1))
+
+
+def _auto_problem(workers: Any) -> tuple[str | None, tuple[int | None, int | None] | None]:
+    """What is wrong with a `workers: auto` form, and its bounds (None, None: defaults)."""
+    if workers == "auto":
+        return None, (None, None)
+    if not isinstance(workers, Mapping):
+        return None, None
+    unknown = sorted(str(key) for key in workers if key not in ("min", "max"))
+    if unknown:
+        return f"unknown key {unknown[0]!r} in workers; write auto or {{min: 1, max: 64}}", None
+    bounds: list[int | None] = []
+    for key in ("min", "max"):
+        value = workers.get(key)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            return f"workers {key} must be a positive int, got {value!r}", None
+        bounds.append(value)
+    low, high = bounds
+    if low is not None and high is not None and low > high:
+        return f"workers min ({low}) must not be above max ({high})", None
+    return None, (low, high)
 
 
 def _workers_problem(kind: str | None, workers: Any, *, remote: bool = False) -> str | None:
@@ -246,7 +270,13 @@ class Stage:
             private `distributed.LocalCluster` of `workers` processes; share a `Pool` to
             reach an existing scheduler). By default `async` for a coroutine function,
             else `thread`. Not with `executor`, which decides where the stage runs.
+            `auto`: `async` for a coroutine function; a plain one starts on threads and
+            may move to processes once, early in the run, from what it measures there
+            (see `_auto.choose_kind`); the report's `kind_choice` says why.
         workers: Pool size, or concurrent tasks for `async`. Ignored with `executor`.
+            `"auto"` (or `{"min": 1, "max": 64}`) tunes the stage's concurrency while
+            it runs, from its measured throughput (see `_auto`); a process stage then
+            never gets more processes than free cores.
         op: `map`, `filter`, `flat_map` or `map_batch`.
         ordered: Emit results in input order (through a bounded reorder window).
         batch: Items per executor call: `auto` or a positive int.
@@ -272,7 +302,7 @@ class Stage:
     fn: Callable[..., Any]
     name: str | None = None
     kind: Kind | None = None
-    workers: int = 1
+    workers: int | Literal["auto"] | Mapping[str, int] = 1
     op: Op = "map"
     ordered: bool = True
     batch: int | Literal["auto"] = "auto"
@@ -289,6 +319,10 @@ class Stage:
     retry: Retry | None = field(init=False, default=None)
     rate_limit: Rate | None = field(init=False, default=None)
     grouping: Group | None = field(init=False, default=None)
+    # `workers: auto`: its (min, max), each None for the kind's default
+    auto_workers: tuple[int | None, int | None] | None = field(init=False, default=None)
+    # `kind: auto` was asked for (an async def's kind is then `async`)
+    auto_kind: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
@@ -296,6 +330,10 @@ class Stage:
         if self.name is None:
             self.name = _name_of(self.fn)
         is_async = _is_async_callable(self.fn)
+        if self.kind == "auto":
+            self.auto_kind = True
+            if is_async:
+                self.kind = "async"
         if self.kind is None and self.executor is None:
             self.kind = "async" if is_async else "thread"
         problems: list[Problem] = []
@@ -321,7 +359,18 @@ class Stage:
             )
         # a stage given an executor runs on that pool: its own workers are never started
         kind = self.kind if self.executor is None else None
-        if workers_problem := _workers_problem(kind, self.workers):
+        kind = "thread" if kind == "auto" else kind  # it starts on threads
+        auto_problem, self.auto_workers = _auto_problem(self.workers)
+        if auto_problem:
+            problem(auto_problem, "workers")
+        elif self.auto_workers is not None:
+            if self.kind == "dask":
+                problem("workers: auto applies to kinds async, thread and process", "workers")
+            for bound in self.auto_workers:
+                if bound is not None and (bound_problem := _workers_problem(kind, bound)):
+                    problem(bound_problem, "workers")
+                    break
+        elif workers_problem := _workers_problem(kind, self.workers):
             problem(workers_problem, "workers")
         if self.batch != "auto" and (
             not isinstance(self.batch, int) or not 1 <= self.batch <= MAX_BATCH
@@ -390,6 +439,14 @@ class Stage:
             problem("give batch or group, not both: the group is the call", "group")
         if problems:
             raise ConfigError(problems)
+
+    @property
+    def pool_workers(self) -> int:
+        """The size of the stage's own pool: `workers`, or the most that auto may use."""
+        if self.auto_workers is None:
+            assert isinstance(self.workers, int)
+            return self.workers
+        return auto_bounds(self.kind or "thread", *self.auto_workers)[1]
 
     @property
     def is_async(self) -> bool:

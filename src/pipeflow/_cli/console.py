@@ -27,6 +27,11 @@ _RATE_WINDOW = 10
 _SUMMARY_WIDTH = 100
 
 
+def _workers(stage: StageReport) -> str:
+    """`thread x4`, or `thread x4 auto` while `workers: auto` tunes it."""
+    return f"{stage.kind} x{stage.workers}" + (" auto" if stage.workers_auto else "")
+
+
 def _done(stage: StageReport) -> int:
     return stage.items_out + stage.skipped + stage.dead_lettered + stage.failed + stage.filtered_out
 
@@ -82,7 +87,7 @@ class LiveProgress:
             errors = Text(str(stage.errors), style="red" if stage.errors else "")
             table.add_row(
                 stage.name,
-                f"{stage.kind} x{stage.workers}",
+                _workers(stage),
                 f"{_done(stage)}/{stage.items_in}",
                 f"{self._rate(stage.name, _done(stage), now):,.0f}",
                 fill,
@@ -150,7 +155,7 @@ def print_summary(console: Console, report: RunReport) -> None:
     for stage in report.stages:
         table.add_row(
             stage.name,
-            f"{stage.kind} x{stage.workers}",
+            _workers(stage),
             str(stage.items_in),
             str(stage.items_out),
             *(str(count(stage)) for count in counts.values()),
@@ -158,6 +163,34 @@ def print_summary(console: Console, report: RunReport) -> None:
             f"{report.utilisation(stage.name):.0%}",
         )
     console.print(table)
+    for stage in report.stages:
+        if line := auto_choice(stage):
+            console.print(Text(line), soft_wrap=True, highlight=False)
+
+
+def auto_choice(stage: StageReport) -> str | None:
+    """What `kind: auto` and `workers: auto` chose for a stage, and why, or None."""
+    lines = []
+    if stage.kind_choice:
+        lines.append(
+            f"{stage.name}: kind auto chose {stage.kind_choice['kind']} "
+            f"({stage.kind_choice['reason']})"
+        )
+    if workers := _workers_choice(stage):
+        lines.append(workers)
+    return "\n".join(lines) or None
+
+
+def _workers_choice(stage: StageReport) -> str | None:
+    if not stage.workers_auto:
+        return None
+    bounds = f"{stage.workers_auto['min']}-{stage.workers_auto['max']}"
+    steps = [w for _, w in stage.concurrency]
+    path = " -> ".join(map(str, steps[-8:])) if steps else str(stage.workers)
+    last = stage.decisions[-1]["reason"] if stage.decisions else "no measurement"
+    return (
+        f"{stage.name}: workers auto chose {stage.workers} of {bounds} (path {path}; last: {last})"
+    )
 
 
 def print_failure(console: Console, error: PipelineError) -> None:

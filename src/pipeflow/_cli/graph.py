@@ -40,7 +40,10 @@ def draw(pipeline: Pipeline, fmt: str = "text") -> str:
 
 
 def _stage_label(row: dict[str, Any]) -> str:
-    where = f"{row['kind']} x{row['workers']}"
+    workers = row["workers"]
+    where = f"{row['kind']} " + (
+        f"x{workers}" if isinstance(workers, int) else f"workers {workers}"
+    )
     if row.get("executor"):
         where += f" (executor {row['executor']})"
     order = "ordered" if row["ordered"] else "unordered"

@@ -37,7 +37,7 @@ from .yaml import DataPath, Document, Origin, read_yaml
 
 __all__ = ["load", "schema", "stage_name"]
 
-_CUSTOM_ERRORS = ("duration", "batch", "exactly_one", "null", "not_zero", "rate")
+_CUSTOM_ERRORS = ("duration", "batch", "workers", "exactly_one", "null", "not_zero", "rate")
 _EXPECTED = {
     "int_parsing": "an int",
     "int_type": "an int",

@@ -102,6 +102,31 @@ def _batch(value: Any) -> Any:
     raise PydanticCustomError("batch", f"expected auto or a positive int, got {value!r}")
 
 
+def _workers(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().isdigit():  # a quoted `${VAR}`, say
+        value = int(value)
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(str(key) for key in value if key not in ("min", "max"))
+        if unknown:
+            raise PydanticCustomError(
+                "workers", f"unknown key {unknown[0]!r} in workers; write {{min: 1, max: 64}}"
+            )
+        for key in ("min", "max"):
+            bound = value.get(key)
+            if bound is not None and (
+                not isinstance(bound, int) or isinstance(bound, bool) or bound < 1
+            ):
+                raise PydanticCustomError(
+                    "workers", f"workers {key} must be a positive int, got {bound!r}"
+                )
+        return value
+    raise PydanticCustomError(
+        "workers", f"expected an int, auto or {{min: 1, max: 64}}, got {value!r}"
+    )
+
+
 def _retries_shorthand(value: Any) -> Any:
     return {"attempts": value} if isinstance(value, int) and not isinstance(value, bool) else value
 
@@ -186,6 +211,29 @@ FnRef = Annotated[
     Field(
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
         description="module:attribute, e.g. pipelines.squares:square",
+    ),
+]
+Workers = Annotated[
+    Any,
+    BeforeValidator(_workers),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY},
+                {"const": "auto"},
+                {
+                    "type": "object",
+                    "properties": {
+                        "min": {"type": "integer", "minimum": 1},
+                        "max": {"type": "integer", "minimum": 1},
+                    },
+                    "additionalProperties": False,
+                    "description": "workers: auto within these bounds",
+                },
+            ],
+            "default": 1,
+            "description": "pool size, or concurrent tasks for async; auto tunes it as it runs",
+        }
     ),
 ]
 Batch = Annotated[
@@ -275,9 +323,7 @@ class StageSpec(_Spec):
 
     kind: Kind | None = Field(None, description="default: async for an async def, else thread")
     executor: str | None = Field(None, description="a name from executors: (instead of kind)")
-    workers: PositiveInt = Field(
-        _default(Stage, "workers"), json_schema_extra={"maximum": MAX_CONCURRENCY}
-    )
+    workers: Workers = _default(Stage, "workers")
     op: Op = _default(Stage, "op")
     ordered: bool = _default(Stage, "ordered")
     batch: Batch = _default(Stage, "batch")

@@ -1,0 +1,515 @@
+"""`workers: auto`: the controller on synthetic measurements, and stages tuned for real."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import fns
+import pipeflow
+from pipeflow import _auto, _kind
+from pipeflow._auto import (
+    PROBE_EVERY,
+    WINDOW_S,
+    AdjustableLimiter,
+    ConcurrencyController,
+    Decision,
+    LatencyHistogram,
+    StageTuner,
+    Window,
+    auto_bounds,
+    free_cores,
+)
+from pipeflow._kind import choose_kind
+from pipeflow._pools import pool_for
+from pipeflow._report import StageReport
+
+TESTS = Path(__file__).parent
+
+
+def drive(
+    controller: ConcurrencyController,
+    throughput_of: Callable[[int], float],
+    windows: int,
+    latency_of: Callable[[int], float] = lambda limit: 0.005,
+) -> list[Decision]:
+    """Feed `windows` one-second windows measured from a model of the work."""
+    decisions = []
+    for t in range(windows):
+        limit = controller.limit
+        assert controller.low <= limit <= controller.high
+        window = Window(1.0, round(throughput_of(limit)), latency_of(limit))
+        decision = controller.observe(window, float(t))
+        if decision is not None:
+            assert controller.low <= decision.workers <= controller.high
+            assert decision.workers == controller.limit
+            decisions.append(decision)
+    return decisions
+
+
+def settle(controller: ConcurrencyController, throughput_of: Callable[[int], float]) -> int:
+    """The limit it holds once a probe under way is over."""
+    for _ in range(3):
+        if controller.phase == "hold":
+            break
+        drive(controller, throughput_of, windows=1)
+    assert controller.phase == "hold"
+    return controller.limit
+
+
+def saturating(at: int, per_worker: float = 100.0) -> Callable[[int], float]:
+    """Throughput that grows with each worker up to `at` workers, then stays flat."""
+    return lambda limit: per_worker * min(limit, at)
+
+
+# --- the controller, on synthetic measurements ---
+
+
+def test_it_climbs_while_throughput_grows_and_stops_where_it_stops_growing() -> None:
+    # each doubling brings 41 % more, up to 16 workers
+    controller = ConcurrencyController(1, 64, start=1)
+    decisions = drive(controller, lambda limit: 100 * min(limit, 16) ** 0.5, windows=6)
+    assert [d.workers for d in decisions] == [2, 4, 8, 16, 32, 16]
+    assert controller.limit == 16
+    assert "back to 16" in decisions[-1].reason
+
+
+def test_it_leaps_while_throughput_doubles_then_walks_down_to_the_knee() -> None:
+    controller = ConcurrencyController(1, 64, start=1)
+    decisions = drive(controller, saturating(16), windows=5)
+    # 2 workers did twice the work of 1: then 8, 32; 64 brought nothing: back to 32
+    assert [d.workers for d in decisions] == [2, 8, 32, 64, 32]
+    drive(controller, saturating(16), windows=PROBE_EVERY * 12)
+    # probes down keep what costs nothing: it ends near 16, not at 32
+    assert 16 <= settle(controller, saturating(16)) <= 20
+
+
+def test_it_holds_at_the_upper_bound_when_throughput_still_grows() -> None:
+    controller = ConcurrencyController(1, 8, start=1)
+    decisions = drive(controller, saturating(1000), windows=20)
+    assert controller.limit == 8
+    assert [d.workers for d in decisions[:3]] == [2, 8, 8]
+    assert "upper bound 8" in decisions[2].reason
+    assert max(d.workers for d in decisions) == 8
+
+
+def test_work_that_does_not_scale_ends_at_the_fewest_workers() -> None:
+    # CPU work that holds the GIL: more threads bring nothing
+    controller = ConcurrencyController(1, 64, start=4)
+    drive(controller, saturating(1), windows=80)
+    assert settle(controller, saturating(1)) == 1
+
+
+def test_a_raise_that_costs_throughput_is_undone() -> None:
+    # contention: past 4 workers each one more makes the whole slower
+    controller = ConcurrencyController(1, 64, start=1)
+    decisions = drive(
+        controller,
+        lambda limit: 100.0 * limit if limit <= 4 else 400.0 - 20 * (limit - 4),
+        windows=80,
+    )
+    # 8 still beat 2, 16 lost to 8: back to 8, and probes down find 4
+    assert [d.workers for d in decisions[:4]] == [2, 8, 16, 8]
+    assert settle(controller, lambda limit: 100.0 * min(limit, 4)) == 4
+
+
+def test_it_measures_again_when_the_work_changes_mid_run() -> None:
+    # a service that answers in 5 ms and takes 8 calls at once, then slows to 20 ms
+    # per call and takes 32: the same 8 workers now get a quarter of the throughput
+    controller = ConcurrencyController(1, 64, start=4)
+    fast, slow = (lambda limit: min(limit, 8) / 0.005), (lambda limit: min(limit, 32) / 0.020)
+    drive(controller, fast, windows=30)
+    assert settle(controller, fast) == 8
+    decisions = drive(controller, slow, windows=30)
+    assert "the work changed" in decisions[0].reason
+    assert 32 <= settle(controller, slow) <= 40  # the knee, within a probe step
+
+
+def test_windows_where_the_stage_waited_on_its_queues_change_nothing() -> None:
+    controller = ConcurrencyController(1, 64, start=4)
+    starved = Window(1.0, 100, 0.005, starved_s=0.8)
+    assert all(controller.observe(starved) is None for _ in range(50))
+    assert controller.limit == 4
+    assert controller.observe(Window(1.0, 0)) is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_bounds_are_respected_whatever_is_measured(seed: int) -> None:
+    rand = random.Random(seed)
+    low = rand.randint(1, 8)
+    high = low + rand.randint(0, 40)
+    controller = ConcurrencyController(low, high, start=rand.randint(1, 100))
+    assert low <= controller.limit <= high
+    drive(
+        controller,
+        lambda limit: rand.choice([0.0, 1.0, rand.uniform(0, 1e5)]),
+        windows=300,
+        latency_of=lambda limit: rand.uniform(0, 1),
+    )
+
+
+def test_equal_bounds_never_move() -> None:
+    controller = ConcurrencyController(3, 3)
+    assert all(d.workers == 3 for d in drive(controller, saturating(100), windows=30))
+    assert controller.limit == 3
+
+
+def test_probes_come_back_when_they_bring_nothing() -> None:
+    controller = ConcurrencyController(1, 64, start=8)
+    drive(controller, saturating(8), windows=3)
+    assert controller.limit == 8
+    decisions = drive(controller, saturating(8), windows=PROBE_EVERY * 6)
+    probes = [d for d in decisions if "probing" in d.reason]
+    assert probes, "it never probed"
+    assert settle(controller, saturating(8)) == 8
+
+
+def test_default_bounds() -> None:
+    assert auto_bounds("thread", None, None) == (1, 64)
+    assert auto_bounds("async", 2, None) == (2, 256)
+    assert auto_bounds("thread", 3, 5) == (3, 5)
+    # never more processes than the cores this process may run on
+    assert auto_bounds("process", None, 1000) == (1, free_cores())
+    assert auto_bounds("process", 1000, None) == (free_cores(), free_cores())
+
+
+# --- the parts the engine uses ---
+
+
+@pytest.mark.anyio
+async def test_the_limiter_follows_its_limit_down_and_up() -> None:
+    limiter = AdjustableLimiter(3)
+    for _ in range(3):
+        await limiter.acquire()
+    limiter.set_limit(1)
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)
+    limiter.release()
+    limiter.release()
+    await asyncio.sleep(0)
+    assert not waiter.done(), "it let a call in above the lowered limit"
+    limiter.release()  # none held: one may go
+    await asyncio.sleep(0)
+    assert waiter.done() and limiter.held == 1
+    third = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)
+    assert not third.done()
+    limiter.set_limit(2)  # a raise lets a waiter in at once
+    await asyncio.sleep(0)
+    assert third.done() and limiter.held == 2
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_of_the_limiter_gives_nothing_away() -> None:
+    limiter = AdjustableLimiter(1)
+    await limiter.acquire()
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    limiter.release()
+    assert limiter.held == 0
+    await limiter.acquire()
+    assert limiter.held == 1
+
+
+def test_latency_percentiles_weigh_each_item() -> None:
+    histogram = LatencyHistogram()
+    histogram.add(0.001, items=98)
+    histogram.add(0.1, items=2)
+    report = StageReport("s", "thread", 1)
+    histogram.fill(report)
+    assert report.latency_p50_s == pytest.approx(0.001, rel=0.05)
+    assert report.latency_p90_s == pytest.approx(0.001, rel=0.05)
+    assert report.latency_p99_s == pytest.approx(0.1, rel=0.05)
+
+
+def test_the_tuner_records_each_change_and_applies_it() -> None:
+    now = [0.0]
+    applied: list[int] = []
+    report = StageReport("s", "thread", 64)
+    tuner = StageTuner(1, 64, 4, report, applied.append, clock=lambda: now[0])
+    assert report.workers == 4 and report.workers_auto == {"min": 1, "max": 64}
+    for _ in range(round(7 * WINDOW_S / 0.01)):  # a few windows, no probe yet
+        now[0] += 0.01
+        # every worker completes a 10 ms call each 10 ms: throughput grows with workers
+        tuner.completed(report.workers, 0.01 * report.workers, calls=report.workers)
+    # twice the throughput for twice the workers: then a leap
+    assert applied == [8, 32, 64]
+    assert [w for _, w in report.concurrency] == [4, 8, 32, 64]
+    assert report.decisions[0]["reason"] == "start"
+    assert "upper bound 64" in report.decisions[-1]["reason"]
+    times = [t for t, _ in report.concurrency]
+    assert times == sorted(times)
+
+
+# --- stages tuned for real ---
+
+
+def run_command(
+    tmp_path: Path, stage: str, items: int, expect: str = "wait: workers auto chose"
+) -> tuple[list[Any], dict[str, Any]]:
+    config = tmp_path / "auto.yaml"
+    config.write_text(
+        f"name: auto\nsource:\n  range: {{stop: {items}}}\nstages:\n{stage}"
+        f"sink:\n  jsonl: {tmp_path / 'out.jsonl'}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeflow", "run", str(config), "--report", "report.json"],
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((TESTS / "report.json").read_text())
+    (TESTS / "report.json").unlink()
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert expect in done.stderr, done.stderr
+    return [json.loads(line) for line in lines], report
+
+
+@pytest.mark.parametrize(
+    ("kind", "fn"),
+    [("thread", "fns:waits_counting"), ("async", "fns:waits_counting_async")],
+)
+def test_a_stage_with_auto_workers_stays_within_its_bounds_and_loses_nothing(
+    tmp_path: Path, kind: str, fn: str
+) -> None:
+    stage = f"  - name: wait\n    fn: {fn}\n    kind: {kind}\n    workers: {{min: 2, max: 5}}\n"
+    outputs, report = run_command(tmp_path, stage, items=1500)
+    assert sorted(n for n, _ in outputs) == list(range(1500))
+    # counted inside the function: never more calls at once than the upper bound
+    assert max(seen for _, seen in outputs) <= 5
+    stage_report = report["stages"][0]
+    assert stage_report["workers_auto"] == {"min": 2, "max": 5}
+    assert stage_report["items_out"] == 1500
+    assert all(2 <= workers <= 5 for _, workers in stage_report["concurrency"])
+    assert 2 <= stage_report["workers"] <= 5
+    assert stage_report["decisions"][0]["reason"] == "start"
+    assert stage_report["latency_p50_s"] > 0
+    assert stage_report["latency_p50_s"] <= stage_report["latency_p99_s"]
+
+
+def test_a_process_stage_with_auto_workers_starts_one_process_and_no_more_than_the_cores() -> None:
+    stage = pipeflow.Stage(fns.square, kind="process", workers={"min": 1, "max": 32})
+    pools: dict[str, Any] = {}
+    pool = pool_for(stage, {}, pools)
+    assert pool is not None and pool.workers == free_cores()
+    pool.start()
+    try:
+        # the others are spawned only when the stage raises its concurrency
+        assert len(pool.pids()) == 1
+    finally:
+        pool.shutdown(kill=False)
+
+
+def test_a_process_stage_with_auto_workers_loses_nothing(tmp_path: Path) -> None:
+    stage = "  - name: wait\n    fn: fns:pid_of\n    kind: process\n    workers: auto\n"
+    outputs, report = run_command(tmp_path, stage, items=400)
+    assert len(outputs) == 400
+    assert len(set(outputs)) <= free_cores()
+    stage_report = report["stages"][0]
+    assert stage_report["workers_auto"] == {"min": 1, "max": free_cores()}
+    assert all(1 <= w <= free_cores() for _, w in stage_report["concurrency"])
+
+
+# --- kind: auto ---
+
+ONE = Window(1.0, 100, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("items_two", "cpu_scaling", "kind", "why"),
+    [
+        (100, 1.05, "process", "holds the GIL"),
+        (100, 1.8, "thread", "releases the GIL"),
+        (150, 1.0, "thread", "releases the GIL"),
+    ],
+)
+def test_choose_kind_takes_processes_only_when_items_and_cpu_time_both_say_the_gil_is_held(
+    items_two: int, cpu_scaling: float, kind: str, why: str
+) -> None:
+    # a busy machine blurs items per second and CPU time alike: threads, the default,
+    # unless neither grew with a second thread
+    two = Window(1.0, items_two, 0.02)
+    chosen, reason = choose_kind(ONE, two, 0.95, 2, 1e-6, None, cpu_scaling)
+    assert chosen == kind and why in reason
+
+
+@pytest.mark.parametrize(
+    ("two", "cpu_share", "cores", "pickle_s", "unpicklable", "kind", "why"),
+    [
+        (Window(1.0, 200, 0.01), 0.02, 2, 1e-6, None, "thread", "it waits"),
+        (Window(1.0, 190, 0.01), 0.95, 2, 1e-6, None, "thread", "releases the GIL"),
+        (Window(1.0, 105, 0.02), 0.95, 2, 1e-6, None, "process", "processes, up to 2"),
+        (Window(1.0, 105, 0.02), 0.95, 1, 1e-6, None, "thread", "1 free core"),
+        (Window(1.0, 105, 0.02), 0.95, 2, None, "an item cannot be pickled", "thread", "item"),
+        (Window(1.0, 105, 0.02), 0.95, 2, 0.009, None, "thread", "pickling an item"),
+    ],
+)
+def test_choose_kind(
+    two: Window,
+    cpu_share: float,
+    cores: int,
+    pickle_s: float | None,
+    unpicklable: str | None,
+    kind: str,
+    why: str,
+) -> None:
+    chosen, reason = choose_kind(ONE, two, cpu_share, cores, pickle_s, unpicklable)
+    assert chosen == kind
+    assert why in reason
+
+
+@pytest.mark.anyio
+async def test_a_switch_to_processes_loses_and_repeats_no_item(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # whatever this machine measures, the probe chooses processes: the switch is tested
+    monkeypatch.setattr(_kind, "choose_kind", lambda *args: ("process", "chosen by the test"))
+    pipeline = pipeflow.Pipeline(
+        [pipeflow.Stage(fns.holds_the_gil, kind="auto", workers=2)], sink=pipeflow.ListSink()
+    )
+    with anyio.fail_after(50):
+        report = await pipeline.run(range(600))
+    items = pipeline.sink.items  # type: ignore[attr-defined]
+    assert len(items) == 600 and sorted(items) == list(range(600))
+    stage = report.stages[0]
+    assert stage.kind_choice == {"kind": "process", "reason": "chosen by the test"}
+    assert stage.kind == "process" and stage.items_out == 600
+    threads = sum(n for worker, n in stage.by_worker.items() if not worker.startswith("pid"))
+    processes = sum(n for worker, n in stage.by_worker.items() if worker.startswith("pid"))
+    assert threads > 0 and processes > 0, stage.by_worker
+    assert threads + processes == 600  # an item run twice would be counted twice
+
+
+def test_kind_auto_through_the_command_records_its_choice_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    stage = "  - name: work\n    fn: fns:holds_the_gil\n    kind: auto\n    workers: 2\n"
+    outputs, report = run_command(tmp_path, stage, items=600, expect="work: kind auto chose")
+    assert len(outputs) == 600 and sorted(outputs) == list(range(600))
+    stage_report = report["stages"][0]
+    assert stage_report["kind_choice"]["kind"] in ("thread", "process")
+    assert stage_report["kind_choice"]["kind"] == stage_report["kind"]
+    assert (
+        "GIL" in stage_report["kind_choice"]["reason"]
+        or "waits" in stage_report["kind_choice"]["reason"]
+    )
+    assert sum(stage_report["by_worker"].values()) == 600
+
+
+def test_kind_auto_keeps_an_unpicklable_function_on_threads(tmp_path: Path) -> None:
+    stage = "  - name: work\n    fn: config_fns:unpicklable\n    kind: auto\n"
+    outputs, report = run_command(tmp_path, stage, items=50, expect="work: kind auto chose thread")
+    assert len(outputs) == 50
+    choice = report["stages"][0]["kind_choice"]
+    assert choice["kind"] == "thread" and "cannot be pickled" in choice["reason"]
+
+
+def test_kind_auto_runs_an_async_def_on_the_loop(tmp_path: Path) -> None:
+    stage = "  - name: work\n    fn: fns:waits_counting_async\n    kind: auto\n"
+    outputs, report = run_command(tmp_path, stage, items=50, expect="work: kind auto chose async")
+    assert sorted(n for n, _ in outputs) == list(range(50))
+    assert report["stages"][0]["kind"] == "async"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("kind", "fn"), [("thread", fns.waits_counting), ("async", fns.waits_counting_async)]
+)
+async def test_a_stage_never_runs_more_calls_at_once_than_its_current_limit(
+    monkeypatch: pytest.MonkeyPatch, kind: str, fn: Callable[[int], Any]
+) -> None:
+    # the controller keeps its start (4) while the pool has room for 16
+    monkeypatch.setattr(ConcurrencyController, "observe", lambda self, window, t=0.0: None)
+    pipeline = pipeflow.Pipeline(
+        [pipeflow.Stage(fn, kind=kind, workers={"min": 1, "max": 16}, batch=1)],  # type: ignore[arg-type]
+        sink=pipeflow.ListSink(),
+    )
+    with anyio.fail_after(50):
+        report = await pipeline.run(range(400))
+    outputs = pipeline.sink.items  # type: ignore[attr-defined]
+    assert sorted(n for n, _ in outputs) == list(range(400))
+    assert max(seen for _, seen in outputs) <= _auto.START
+    assert report.stages[0].workers == _auto.START
+
+
+def test_the_summary_and_the_live_display_say_what_auto_chose() -> None:
+    import io
+
+    from rich.console import Console
+
+    from pipeflow._cli.console import LiveProgress, print_summary
+    from pipeflow._report import RunReport
+
+    stage = StageReport("fetch", "process", 2, items_in=10, items_out=10)
+    stage.workers_auto = {"min": 1, "max": 2}
+    stage.concurrency = [(0.0, 1), (0.2, 2)]
+    stage.decisions = [{"t": 0.2, "workers": 2, "reason": "trying 2"}]
+    stage.kind_choice = {"kind": "process", "reason": "it holds the GIL"}
+    report = RunReport("p", status="ok", stages=[stage])
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    print_summary(console, report)
+    text = out.getvalue()
+    assert "fetch: kind auto chose process (it holds the GIL)" in text
+    assert "fetch: workers auto chose 2 of 1-2 (path 1 -> 2; last: trying 2)" in text
+    live = io.StringIO()
+    Console(file=live, width=200).print(LiveProgress(console).render(report))
+    assert "process x2 auto" in live.getvalue()
+
+
+def test_kind_auto_says_so_when_the_input_ends_before_it_could_measure(tmp_path: Path) -> None:
+    stage = "  - name: work\n    fn: fns:square\n    kind: auto\n"
+    outputs, report = run_command(tmp_path, stage, items=3, expect="work: kind auto chose thread")
+    assert sorted(outputs) == [0, 1, 4]
+    assert "before it was measured" in report["stages"][0]["kind_choice"]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("workers", "message"),
+    [
+        ("fast", "expected an int, auto or {min: 1, max: 64}, got 'fast'"),
+        ("{min: 0, max: 4}", "workers min must be a positive int, got 0"),
+        ("{min: 5, max: 2}", "workers min (5) must not be above max (2)"),
+        ("{min: 1, most: 3}", "unknown key 'most' in workers; write {min: 1, max: 64}"),
+        ("{max: 5000}", "workers must be at most 1024 for kind thread"),
+    ],
+)
+def test_a_bad_workers_value_is_one_line_at_its_position(
+    tmp_path: Path, workers: str, message: str
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "source:\n  range: {stop: 3}\nstages:\n  - name: sq\n    fn: config_fns:square\n"
+        f"    kind: thread\n    workers: {workers}\nsink:\n  null: {{}}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeflow", "validate", str(config)],
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"{config}:7:14: stages.sq.workers: ")
+    assert message in line
+
+
+def test_workers_auto_on_a_dask_stage_is_refused() -> None:
+    pytest.importorskip("distributed")
+    with pytest.raises(pipeflow.ConfigError, match="workers: auto applies to kinds"):
+        pipeflow.Stage(fns.square, kind="dask", workers="auto")
