@@ -68,7 +68,7 @@ def test_q8_pool_sizes_table_json_png_and_start_up_named(tmp_path: Path) -> None
     assert pixels.std() > 0.05  # drawn on, not a blank canvas
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)  # a grid of whole runs
 def test_cpu_heavy_recommends_processes(tmp_path: Path) -> None:
     out = tmp_path / "cpu.json"
     # threads against processes at 2 workers, median of 3: the machine may be shared

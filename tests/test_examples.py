@@ -107,6 +107,7 @@ CHECKED = {
 OTHERS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name not in CHECKED)
 
 
+@pytest.mark.timeout(240)  # a fresh interpreter per config
 def test_every_config_validates() -> None:
     configs = sorted(CONFIGS.glob("*.yaml"))
     assert len(configs) >= len(CHECKED) - 2  # the dask ones aside, all of them are here

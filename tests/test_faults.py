@@ -68,6 +68,7 @@ async def test_a_worker_crash_with_dead_letter_writes_one_record(tmp_path: Path)
     assert "SIGSEGV" in records[0]["message"]
 
 
+@pytest.mark.timeout(150)  # 32 pool rebuilds: slow on a loaded machine, bounded by fail_after
 async def test_a_crash_loop_fails_the_run_instead_of_spinning() -> None:
     pipeline = Pipeline([Stage(fns.exit_on_13, kind="process", workers=2, on_error="skip")])
     with anyio.fail_after(120), pytest.raises(pipeflow.PipeflowError, match="giving up"):

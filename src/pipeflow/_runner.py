@@ -82,6 +82,10 @@ SAMPLE_CALLS = 16
 # A process worker interrupts an item past its timeout itself; the parent's deadline for
 # a call, `timeout` per item plus this, is the backstop for an item that can't be interrupted.
 BACKSTOP_GRACE_S = 1.0
+# A Dask call (or any executor's but pipeflow's own pools and threads) is timed from
+# when it is sent, as the client cannot see it start: its scheduling and transfer get
+# this long on top of `timeout`, so that a busy cluster does not time innocent items out.
+REMOTE_GRACE_S = 1.0
 # Auto-sized calls of a stage with a timeout hold at most this many seconds of `timeout`,
 # so that an item stuck where its worker cannot interrupt it is found within this long.
 STUCK_ITEM_WINDOW_S = 10.0
@@ -1144,7 +1148,11 @@ class StageRun:
         timeout = self.stage.timeout
         if timeout is None:
             return None
-        return timeout * items + (BACKSTOP_GRACE_S if self.worker_timed else 0.0)
+        if self.worker_timed:
+            return timeout * items + BACKSTOP_GRACE_S
+        if self.kind in ("dask", "executor"):
+            return timeout * items + REMOTE_GRACE_S
+        return timeout * items
 
     def _timed_out_batch(self, values: list[Any], message: str) -> ChunkResult:
         collector = Collector(self.stage.op)
