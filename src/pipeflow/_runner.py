@@ -165,12 +165,26 @@ class _ChunkSizer:
         self.per_item: float | None = None
         self.by_time = self.size
         self.bytes = _ByteGauge()
+        # A worker's first call loads the stage's callable (imports, setup) and costs
+        # far more than its items: an estimate from first calls only is provisional, and
+        # the first call that shows the items' own cost replaces it.
+        self._seen: set[str] = set()
+        self._provisional = True
 
-    def observe(self, items: int, busy_s: float) -> None:
+    def observe(self, items: int, busy_s: float, worker: str = "") -> None:
         if self.fixed is not None or items == 0 or self.target == 0:
             return
         cost = max(busy_s / items, 1e-8)
-        self.per_item = cost if self.per_item is None else 0.7 * self.per_item + 0.3 * cost
+        first = worker not in self._seen
+        if first:
+            self._seen.add(worker)
+            if not self._provisional:
+                return
+        if self.per_item is None or (self._provisional and not first):
+            self.per_item = cost
+        else:
+            self.per_item = 0.7 * self.per_item + 0.3 * cost
+        self._provisional = self._provisional and first
         self.by_time = max(1, min(self.limit, int(self.target / self.per_item)))
         self._resize()
 
@@ -663,21 +677,29 @@ class StageRun:
                 count = len(values)
                 report.items_in += count
                 start = 0
-                if (
-                    recv.statistics().current_buffer_used == 0
-                    and self.workers > 1
-                    and self.kind != "async"  # its lanes share a chunk between the workers
-                ):
-                    # nothing else waits: share this batch between the workers
-                    size = min(size, math.ceil(count / self.workers))
+                size = self._share(size, count, recv)
                 if count <= size:
                     start = count
                     yield Batch(indices, values)
                     continue
+            elif self.sizer.size > size:
+                # the rest of a batch cut while the size was still unknown: cut it anew
+                size = self._share(self.sizer.size, len(values) - start, recv)
             end = start + size
             chunk = Batch(indices[start:end], values[start:end])
             start = end
             yield chunk
+
+    def _share(self, size: int, count: int, recv: MemoryObjectReceiveStream[Batch]) -> int:
+        """The chunk size for `count` items at hand: nothing else waits, share them
+        between the workers."""
+        if (
+            recv.statistics().current_buffer_used == 0
+            and self.workers > 1
+            and self.kind != "async"  # its lanes share a chunk between the workers
+        ):
+            return min(size, math.ceil(count / self.workers))
+        return size
 
     # --- one chunk ---
 
@@ -861,7 +883,7 @@ class StageRun:
         self.report.busy_s += result.busy_s
         by_worker = self.report.by_worker
         by_worker[result.worker] = by_worker.get(result.worker, 0) + items
-        self.sizer.observe(items, result.busy_s)
+        self.sizer.observe(items, result.busy_s, result.worker)
         self.sizer.observe_values(result.outputs)
 
     def _failed_chunk(self, exc: BaseException) -> ChunkResult:
