@@ -56,7 +56,7 @@ from ._pools import PoolHandle
 from ._report import RunReport, StageReport
 from ._sinks import Sink
 from ._stage import Stage
-from ._steps import TimedSteps
+from ._steps import LOOP_BLOCK_S, TimedSteps
 from ._worker import ChunkResult, Collector, Failure, StageCall
 
 __all__ = ["Runner"]
@@ -1090,31 +1090,46 @@ class StageRun:
         outcomes: list[Any] = [None] * count
         state = self.async_state
         next_position = 0
+        failed = False
+        perf_counter = time.perf_counter
 
         async def lane() -> None:
-            nonlocal next_position
+            nonlocal next_position, failed
             try:
                 while next_position < count:
+                    if growing:
+                        grow()
                     position = next_position
                     next_position += 1
                     value = values[position]
                     try:
-                        call = TimedSteps(
-                            fn(value, state) if has_state else fn(value), self._loop_blocked
-                        )
+                        coro = fn(value, state) if has_state else fn(value)
                         if timeout is None:
-                            outcomes[position] = await call
+                            # the first step runs here: a coroutine that never waits
+                            # costs no awaitable of its own
+                            step_started = perf_counter()
+                            try:
+                                yielded = coro.send(None)
+                            except StopIteration as done:
+                                outcomes[position] = done.value
+                                continue
+                            finally:
+                                took = perf_counter() - step_started
+                                if took > LOOP_BLOCK_S:
+                                    self._loop_blocked(took)
+                            outcomes[position] = await TimedSteps(coro, self._loop_blocked, yielded)
                         else:
+                            call = TimedSteps(coro, self._loop_blocked)
                             with anyio.fail_after(timeout):
                                 outcomes[position] = await call
                     except TimeoutError as exc:
                         outcomes[position] = _AsyncFailure(
                             exc if timeout is None else ItemTimeout(f"timed out after {timeout:g}s")
                         )
+                        failed = True
                     except Exception as exc:
                         outcomes[position] = _AsyncFailure(exc)
-                    if growing and next_position < count:
-                        grow()
+                        failed = True
             finally:
                 self._release_lane()
 
@@ -1137,6 +1152,9 @@ class StageRun:
                 await lane()
             finally:
                 handle.cancel()
+        if not failed and self.stage.op == "map":
+            collector.outputs = outcomes
+            return collector.result(started)
         for position, outcome in enumerate(outcomes):
             if type(outcome) is _AsyncFailure:
                 collector.fail(position, outcome.error)
