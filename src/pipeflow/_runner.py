@@ -313,6 +313,11 @@ class _Puller:
         self._grant(0)
         return values
 
+    def stage_idle(self) -> None:
+        """The first stage waits for input: a batch waiting for company goes at once."""
+        if not self.want_first:  # waiting for a first item, nothing waits for company
+            self.changed.set()
+
     async def finish(self) -> list[Any]:
         """The items pulled until the thread stops, once it is out of the iterator."""
         self.close()
@@ -451,6 +456,10 @@ class StageRun:
         # asyncio's own primitives on the per-chunk path: anyio's look up the running
         # backend on every call, which costs more than the rest of a thread-pool call
         self.limiter = asyncio.Semaphore(self.in_flight)
+        # chunks taken from `_chunks` whose slot is not yet released, and a wake-up for
+        # a chunk that waits for company while every worker is busy (see _chunks)
+        self.calls_running = 0
+        self.worker_freed = asyncio.Event()
         # an async stage's lanes (see _call_async): each runs one coroutine at a time
         self.lanes_free = self.workers
         self.lane_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -554,7 +563,7 @@ class StageRun:
                     # no task per chunk: the emitter awaits the executor's own future
                     call = loop.run_in_executor(direct, _worker.run_chunk, stage_call, chunk.values)
                     call.add_done_callback(self._release)
-                    await slots_send.send(_DirectCall(chunk, call))
+                    await _send(slots_send, _DirectCall(chunk, call))
                     continue
                 slot: asyncio.Future[Batch] = loop.create_future()
                 await slots_send.send(slot)
@@ -570,7 +579,7 @@ class StageRun:
         return pool.executor
 
     def _release(self, call: asyncio.Future[ChunkResult]) -> None:
-        self.limiter.release()
+        self._call_done()
         if not call.cancelled():
             # a call the emitter never awaits (the run ended first) keeps its error to
             # itself; the emitter still gets it when it awaits the call
@@ -580,7 +589,7 @@ class StageRun:
         try:
             output = await self.process(chunk)
         finally:
-            self.limiter.release()
+            self._call_done()
         if not slot.cancelled():  # the emitter cancels it when the run is cancelled
             slot.set_result(output)
 
@@ -619,7 +628,7 @@ class StageRun:
         try:
             output = await self.process(chunk)
         finally:
-            self.limiter.release()
+            self._call_done()
         if output.values:
             self.report.blocked_s += await _send(out, output)
 
@@ -664,11 +673,19 @@ class StageRun:
                 self.sizer.observe_values(values)
                 size = self.sizer.size
                 merged = False
-                while len(values) < size:  # merge what already waits, never wait for more
+                deadline: float | None = None
+                while len(values) < size:  # merge what waits
                     try:
                         more = recv.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
+                    except anyio.EndOfStream:
                         break
+                    except anyio.WouldBlock:
+                        # what comes while every worker is busy joins this chunk
+                        if deadline is None:
+                            deadline = time.perf_counter() + FLUSH_INTERVAL_S
+                        if not await self._wait_for_a_worker(deadline):
+                            break
+                        continue
                     if not merged:
                         indices, values, merged = list(indices), list(values), True
                     assert isinstance(indices, list)
@@ -680,6 +697,7 @@ class StageRun:
                 size = self._share(size, count, recv)
                 if count <= size:
                     start = count
+                    self.calls_running += 1
                     yield Batch(indices, values)
                     continue
             elif self.sizer.size > size:
@@ -688,7 +706,37 @@ class StageRun:
             end = start + size
             chunk = Batch(indices[start:end], values[start:end])
             start = end
+            self.calls_running += 1
             yield chunk
+
+    def _call_done(self) -> None:
+        """A chunk from `_chunks` is done with its slot."""
+        self.limiter.release()
+        self.calls_running -= 1
+        self.worker_freed.set()
+
+    async def _wait_for_a_worker(self, deadline: float) -> bool:
+        """While every worker of an auto-sized remote stage is busy, wait until one is
+        free (or `deadline`): whether the chunk at hand may wait for company meanwhile.
+
+        Its own queued call would only wait in the pool behind theirs, and what arrives
+        meanwhile joins it: a stage fed in small batches by a slower stage runs calls of
+        its own size instead of the other stage's fragments. A free worker takes the
+        chunk at once (the latency of an idle stage is untouched).
+        """
+        if (
+            self.sizer.fixed is not None
+            or self.kind not in ("process", "executor", "dask")
+            or self.calls_running < self.workers
+        ):
+            return False
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            return False
+        self.worker_freed.clear()
+        with anyio.move_on_after(remaining):
+            await self.worker_freed.wait()
+        return True
 
     def _share(self, size: int, count: int, recv: MemoryObjectReceiveStream[Batch]) -> int:
         """The chunk size for `count` items at hand: nothing else waits, share them
@@ -1568,7 +1616,7 @@ class Runner:
         # a batch waits for company (FLUSH_INTERVAL_S) only while the first stage is busy
         first = self.stages[0] if self.stages else None
         if first is not None:
-            first.on_hungry = puller.changed.set
+            first.on_hungry = puller.stage_idle
 
         def idle() -> bool:
             return first is not None and first.hungry
