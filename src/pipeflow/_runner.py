@@ -105,6 +105,8 @@ class Batch(NamedTuple):
 # size. A fixed `batch:` is the user's choice and is kept.
 MAX_CALL_BYTES = 4 << 20
 MAX_SOURCE_BATCH_BYTES = 2 << 20
+# A chunk this large is sent even while every worker is busy (see _wait_for_a_worker).
+WORTH_A_CALL_BYTES = 256 << 10
 # An item whose size can't be read cheaply is pickled to measure it, once in this many
 # batches (and on the first).
 PICKLE_SAMPLE_EVERY = 16
@@ -683,7 +685,7 @@ class StageRun:
                         # what comes while every worker is busy joins this chunk
                         if deadline is None:
                             deadline = time.perf_counter() + FLUSH_INTERVAL_S
-                        if not await self._wait_for_a_worker(deadline):
+                        if not await self._wait_for_a_worker(deadline, len(values)):
                             break
                         continue
                     if not merged:
@@ -715,19 +717,21 @@ class StageRun:
         self.calls_running -= 1
         self.worker_freed.set()
 
-    async def _wait_for_a_worker(self, deadline: float) -> bool:
+    async def _wait_for_a_worker(self, deadline: float, items: int) -> bool:
         """While every worker of an auto-sized remote stage is busy, wait until one is
         free (or `deadline`): whether the chunk at hand may wait for company meanwhile.
 
         Its own queued call would only wait in the pool behind theirs, and what arrives
         meanwhile joins it: a stage fed in small batches by a slower stage runs calls of
         its own size instead of the other stage's fragments. A free worker takes the
-        chunk at once (the latency of an idle stage is untouched).
+        chunk at once (the latency of an idle stage is untouched). A chunk of large items
+        goes at once too: queued behind a busy worker, its transfer overlaps their work.
         """
         if (
             self.sizer.fixed is not None
             or self.kind not in ("process", "executor", "dask")
             or self.calls_running < self.workers
+            or items * self.sizer.bytes.per_item >= WORTH_A_CALL_BYTES
         ):
             return False
         remaining = deadline - time.perf_counter()
