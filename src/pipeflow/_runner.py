@@ -59,7 +59,7 @@ from ._pools import PoolHandle
 from ._report import RunReport, StageReport
 from ._sinks import Sink
 from ._stage import Stage
-from ._steps import TimedSteps
+from ._steps import LOOP_BLOCK_S, TimedSteps
 from ._worker import ChunkResult, Collector, Failure, StageCall
 
 __all__ = ["Runner"]
@@ -119,6 +119,8 @@ class Batch(NamedTuple):
 # size. A fixed `batch:` is the user's choice and is kept.
 MAX_CALL_BYTES = 4 << 20
 MAX_SOURCE_BATCH_BYTES = 2 << 20
+# A chunk this large is sent even while every worker is busy (see _wait_for_a_worker).
+WORTH_A_CALL_BYTES = 256 << 10
 # An item whose size can't be read cheaply is pickled to measure it, once in this many
 # batches (and on the first).
 PICKLE_SAMPLE_EVERY = 16
@@ -179,12 +181,26 @@ class _ChunkSizer:
         self.per_item: float | None = None
         self.by_time = self.size
         self.bytes = _ByteGauge()
+        # A worker's first call loads the stage's callable (imports, setup) and costs
+        # far more than its items: an estimate from first calls only is provisional, and
+        # the first call that shows the items' own cost replaces it.
+        self._seen: set[str] = set()
+        self._provisional = True
 
-    def observe(self, items: int, busy_s: float) -> None:
+    def observe(self, items: int, busy_s: float, worker: str = "") -> None:
         if self.fixed is not None or items == 0 or self.target == 0:
             return
         cost = max(busy_s / items, 1e-8)
-        self.per_item = cost if self.per_item is None else 0.7 * self.per_item + 0.3 * cost
+        first = worker not in self._seen
+        if first:
+            self._seen.add(worker)
+            if not self._provisional:
+                return
+        if self.per_item is None or (self._provisional and not first):
+            self.per_item = cost
+        else:
+            self.per_item = 0.7 * self.per_item + 0.3 * cost
+        self._provisional = self._provisional and first
         self.by_time = max(1, min(self.limit, int(self.target / self.per_item)))
         self._resize()
 
@@ -312,6 +328,11 @@ class _Puller:
         values = self._take_held()
         self._grant(0)
         return values
+
+    def stage_idle(self) -> None:
+        """The first stage waits for input: a batch waiting for company goes at once."""
+        if not self.want_first:  # waiting for a first item, nothing waits for company
+            self.changed.set()
 
     async def finish(self) -> list[Any]:
         """The items pulled until the thread stops, once it is out of the iterator."""
@@ -459,6 +480,10 @@ class StageRun:
         # asyncio's own primitives on the per-chunk path: anyio's look up the running
         # backend on every call, which costs more than the rest of a thread-pool call
         self.limiter = asyncio.Semaphore(self.in_flight)
+        # chunks taken from `_chunks` whose slot is not yet released, and a wake-up for
+        # a chunk that waits for company while every worker is busy (see _chunks)
+        self.calls_running = 0
+        self.worker_freed = asyncio.Event()
         # an async stage's lanes (see _call_async): each runs one coroutine at a time
         self.lanes_free = self.workers
         self.lane_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -598,7 +623,7 @@ class StageRun:
                     # no task per chunk: the emitter awaits the executor's own future
                     call = loop.run_in_executor(direct, _worker.run_chunk, stage_call, chunk.values)
                     call.add_done_callback(self._release)
-                    await slots_send.send(_DirectCall(chunk, call))
+                    await _send(slots_send, _DirectCall(chunk, call))
                     continue
                 slot: asyncio.Future[Batch] = loop.create_future()
                 await slots_send.send(slot)
@@ -620,7 +645,7 @@ class StageRun:
         return pool.executor
 
     def _release(self, call: asyncio.Future[ChunkResult]) -> None:
-        self.limiter.release()
+        self._call_done()
         if not call.cancelled():
             # a call the emitter never awaits (the run ended first) keeps its error to
             # itself; the emitter still gets it when it awaits the call
@@ -630,7 +655,7 @@ class StageRun:
         try:
             output = await self.process(chunk)
         finally:
-            self.limiter.release()
+            self._call_done()
         if not slot.cancelled():  # the emitter cancels it when the run is cancelled
             slot.set_result(output)
 
@@ -669,7 +694,7 @@ class StageRun:
         try:
             output = await self.process(chunk)
         finally:
-            self.limiter.release()
+            self._call_done()
         if output.values:
             self.report.blocked_s += await _send(out, output)
 
@@ -753,11 +778,19 @@ class StageRun:
                 self.sizer.observe_values(values)
                 size = self.sizer.size
                 merged = False
-                while len(values) < size:  # merge what already waits, never wait for more
+                deadline: float | None = None
+                while len(values) < size:  # merge what waits
                     try:
                         more = recv.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
+                    except anyio.EndOfStream:
                         break
+                    except anyio.WouldBlock:
+                        # what comes while every worker is busy joins this chunk
+                        if deadline is None:
+                            deadline = time.perf_counter() + FLUSH_INTERVAL_S
+                        if not await self._wait_for_a_worker(deadline, len(values)):
+                            break
+                        continue
                     if not merged:
                         indices, values, merged = list(indices), list(values), True
                     assert isinstance(indices, list)
@@ -766,21 +799,62 @@ class StageRun:
                 count = len(values)
                 report.items_in += count
                 start = 0
-                if (
-                    recv.statistics().current_buffer_used == 0
-                    and self.workers > 1
-                    and self.kind != "async"  # its lanes share a chunk between the workers
-                ):
-                    # nothing else waits: share this batch between the workers
-                    size = min(size, math.ceil(count / self.workers))
+                size = self._share(size, count, recv)
                 if count <= size:
                     start = count
+                    self.calls_running += 1
                     yield Batch(indices, values)
                     continue
+            elif self.sizer.size > size:
+                # the rest of a batch cut while the size was still unknown: cut it anew
+                size = self._share(self.sizer.size, len(values) - start, recv)
             end = start + size
             chunk = Batch(indices[start:end], values[start:end])
             start = end
+            self.calls_running += 1
             yield chunk
+
+    def _call_done(self) -> None:
+        """A chunk from `_chunks` is done with its slot."""
+        self.limiter.release()
+        self.calls_running -= 1
+        self.worker_freed.set()
+
+    async def _wait_for_a_worker(self, deadline: float, items: int) -> bool:
+        """While every worker of an auto-sized remote stage is busy, wait until one is
+        free (or `deadline`): whether the chunk at hand may wait for company meanwhile.
+
+        Its own queued call would only wait in the pool behind theirs, and what arrives
+        meanwhile joins it: a stage fed in small batches by a slower stage runs calls of
+        its own size instead of the other stage's fragments. A free worker takes the
+        chunk at once (the latency of an idle stage is untouched). A chunk of large items
+        goes at once too: queued behind a busy worker, its transfer overlaps their work.
+        """
+        if (
+            self.sizer.fixed is not None
+            or self.kind not in ("process", "executor", "dask")
+            or self.calls_running < self.workers
+            or items * self.sizer.bytes.per_item >= WORTH_A_CALL_BYTES
+        ):
+            return False
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            return False
+        self.worker_freed.clear()
+        with anyio.move_on_after(remaining):
+            await self.worker_freed.wait()
+        return True
+
+    def _share(self, size: int, count: int, recv: MemoryObjectReceiveStream[Batch]) -> int:
+        """The chunk size for `count` items at hand: nothing else waits, share them
+        between the workers."""
+        if (
+            recv.statistics().current_buffer_used == 0
+            and self.workers > 1
+            and self.kind != "async"  # its lanes share a chunk between the workers
+        ):
+            return min(size, math.ceil(count / self.workers))
+        return size
 
     # --- one chunk ---
 
@@ -964,7 +1038,7 @@ class StageRun:
         self.report.busy_s += result.busy_s
         by_worker = self.report.by_worker
         by_worker[result.worker] = by_worker.get(result.worker, 0) + items
-        self.sizer.observe(items, result.busy_s)
+        self.sizer.observe(items, result.busy_s, result.worker)
         self.sizer.observe_values(result.outputs)
         if self.kind != "async":  # an async stage's items are timed one by one
             self.latency.add(result.busy_s / max(1, items), items)
@@ -1202,35 +1276,51 @@ class StageRun:
         outcomes: list[Any] = [None] * count
         state = self.async_state
         next_position = 0
+        failed = False
+        perf_counter = time.perf_counter
 
         async def lane() -> None:
-            nonlocal next_position
+            nonlocal next_position, failed
             try:
                 while next_position < count:
+                    if growing:
+                        grow()
                     position = next_position
                     next_position += 1
                     value = values[position]
                     if starts is not None:
                         await _rate.wait_until(starts[position])
-                    item_started = time.perf_counter()
+                    item_started = perf_counter()
                     try:
-                        call = TimedSteps(
-                            fn(value, state) if has_state else fn(value), self._loop_blocked
-                        )
+                        coro = fn(value, state) if has_state else fn(value)
                         if timeout is None:
-                            outcomes[position] = await call
+                            # the first step runs here: a coroutine that never waits
+                            # costs no awaitable of its own
+                            step_started = perf_counter()
+                            try:
+                                yielded = coro.send(None)
+                            except StopIteration as done:
+                                outcomes[position] = done.value
+                                self._item_done(perf_counter() - item_started)
+                                continue
+                            finally:
+                                took = perf_counter() - step_started
+                                if took > LOOP_BLOCK_S:
+                                    self._loop_blocked(took)
+                            outcomes[position] = await TimedSteps(coro, self._loop_blocked, yielded)
                         else:
+                            call = TimedSteps(coro, self._loop_blocked)
                             with anyio.fail_after(timeout):
                                 outcomes[position] = await call
                     except TimeoutError as exc:
                         outcomes[position] = _AsyncFailure(
                             exc if timeout is None else ItemTimeout(f"timed out after {timeout:g}s")
                         )
+                        failed = True
                     except Exception as exc:
                         outcomes[position] = _AsyncFailure(exc)
-                    self._item_done(time.perf_counter() - item_started)
-                    if growing and next_position < count:
-                        grow()
+                        failed = True
+                    self._item_done(perf_counter() - item_started)
             finally:
                 self._release_lane()
 
@@ -1253,6 +1343,9 @@ class StageRun:
                 await lane()
             finally:
                 handle.cancel()
+        if not failed and self.stage.op == "map":
+            collector.outputs = outcomes
+            return collector.result(started)
         for position, outcome in enumerate(outcomes):
             if type(outcome) is _AsyncFailure:
                 collector.fail(position, outcome.error)
@@ -1812,7 +1905,7 @@ class Runner:
         # a batch waits for company (FLUSH_INTERVAL_S) only while the first stage is busy
         first = self.stages[0] if self.stages else None
         if first is not None:
-            first.on_hungry = puller.changed.set
+            first.on_hungry = puller.stage_idle
 
         def idle() -> bool:
             return first is not None and first.hungry

@@ -18,29 +18,42 @@ LOOP_BLOCK_S = 0.1
 
 T = TypeVar("T")
 
+_NOT_STARTED: Any = object()
+
 
 class TimedSteps(Generic[T]):
     """Awaits `coro`, calling `on_block(seconds)` for each step longer than `LOOP_BLOCK_S`."""
 
-    def __init__(self, coro: Coroutine[Any, Any, T], on_block: Callable[[float], None]) -> None:
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, T],
+        on_block: Callable[[float], None],
+        yielded: Any = _NOT_STARTED,
+    ) -> None:
+        # `yielded`: what the coroutine's first step (taken and timed by the caller) yielded
         self._coro = coro
         self._on_block = on_block
+        self._yielded = yielded
 
     def __await__(self) -> Generator[Any, Any, T]:
         coro = self._coro
-        step: Callable[[Any], Any] = coro.send
+        step: Callable[[Any], Any] | None = coro.send
         message: Any = None
+        yielded = self._yielded
+        if yielded is not _NOT_STARTED:
+            step = None
         while True:
-            started = time.perf_counter()
-            try:
-                yielded = step(message)
-            except StopIteration as done:
+            if step is not None:
+                started = time.perf_counter()
+                try:
+                    yielded = step(message)
+                except StopIteration as done:
+                    self._took(started)
+                    return done.value  # type: ignore[no-any-return]
+                except BaseException:
+                    self._took(started)
+                    raise
                 self._took(started)
-                return done.value  # type: ignore[no-any-return]
-            except BaseException:
-                self._took(started)
-                raise
-            self._took(started)
             try:
                 message = yield yielded
                 step = coro.send
