@@ -513,3 +513,26 @@ def test_workers_auto_on_a_dask_stage_is_refused() -> None:
     pytest.importorskip("distributed")
     with pytest.raises(pipeflow.ConfigError, match="workers: auto applies to kinds"):
         pipeflow.Stage(fns.square, kind="dask", workers="auto")
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"workers": 4, "rate": "1000/s"}, "with a rate or a group"),
+        ({"workers": 4, "op": "map_batch", "group": 5}, "with a rate or a group"),
+        ({"workers": 1}, "with one worker"),
+    ],
+)
+def test_kind_auto_stays_on_threads_where_it_cannot_measure_or_move_safely(
+    options: dict[str, Any], reason: str
+) -> None:
+    # a move to processes would drop a rate's call cap or a group's reader; one thread
+    # cannot show whether two threads do more than one
+    fn = fns.double_all if options.get("op") == "map_batch" else fns.square
+    stage = pipeflow.Stage(fn, kind="auto", **options)  # type: ignore[arg-type]
+    sink = pipeflow.ListSink()
+    report = pipeflow.Pipeline([stage], sink=sink).run_sync(range(40))
+    choice = report.stages[0].kind_choice
+    assert choice is not None and choice["kind"] == "thread" and reason in choice["reason"]
+    assert report.stages[0].kind == "thread"
+    assert len(sink.items) == 40

@@ -91,3 +91,27 @@ def test_pipeflow_run_with_a_callable_that_carries_its_data(kind: str, tmp_path:
     done = pipeflow("run", config, "--quiet")
     assert done.returncode == 0, done.stderr
     assert [json.loads(line) for line in out.read_text().splitlines()] == _expected(range(60))
+
+
+class _InProcess(concurrent.futures.Executor):
+    """An executor of the app's own make that runs calls on threads of this process."""
+
+    def __init__(self) -> None:
+        self._threads = concurrent.futures.ThreadPoolExecutor(2)
+        self.calls = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self._threads.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._threads.shutdown(wait, cancel_futures=cancel_futures)
+
+
+def test_an_executor_of_unknown_make_gets_one_call_per_chunk() -> None:
+    # it may run calls in this process, where a call without the callable is sent again
+    # with it: each chunk would then cost two calls
+    with _InProcess() as executor:
+        stage = Stage(fns.BigLookup(), executor=executor, batch=1)
+        assert list(Pipeline([stage]).iter(range(50))) == _expected(range(50))
+        assert executor.calls == 50

@@ -146,3 +146,13 @@ def test_pipeflow_run_passes_worker_info_to_a_yaml_setup(tmp_path: Path) -> None
     assert all(len(indexes) == 1 for indexes in by_worker.values()), by_worker
     indexes = [next(iter(i)) for i in by_worker.values()]
     assert sorted(indexes) == list(range(len(indexes))) and set(indexes) <= {0, 1}
+
+
+def test_worker_info_counts_the_pools_workers_under_workers_auto() -> None:
+    # workers: auto starts below its bound and may raise it: a setup that shards by
+    # index / workers must see the bound, which every index stays under
+    stage = _stage(name="tag", kind="thread", workers={"min": 1, "max": 8})  # type: ignore[arg-type]
+    pipeline = Pipeline([stage])
+    rows = list(pipeline.iter(range(40)))
+    assert {row[3] for row in rows} == {8}
+    assert all(0 <= row[1] < 8 for row in rows)

@@ -510,7 +510,9 @@ class StageRun:
         # set to a list (the bench does) to keep the items and results of the first
         # SAMPLE_CALLS calls, from which their pickling cost is estimated after the run
         self.samples: list[tuple[list[Any], list[Any]]] | None = None
-        self.worker_info = _identity.stage_info(stage.setup, self.name, self.workers, self.kind)
+        self.worker_info = _identity.stage_info(
+            stage.setup, self.name, pool.workers if pool is not None else self.workers, self.kind
+        )
         if pool is not None:
             self.call = self._stage_call(key)
             if self.worker_timed:
@@ -733,6 +735,7 @@ class StageRun:
 
     async def _groups(self, grouped: _group.GroupedInput) -> Any:
         async for indices, values in grouped.groups():
+            self.calls_running += 1
             yield Batch(indices, values)
 
     async def _chunks(self, recv: MemoryObjectReceiveStream[Batch]) -> Any:
@@ -1361,6 +1364,11 @@ class StageRun:
             self._chose_kind("async", "async def: runs on the event loop")
         elif pool.switch_to is None or stage.timeout is not None or stage.setup is not None:
             self._chose_kind("thread", "with a timeout or a setup, it stays on threads")
+        elif stage.rate_limit is not None or stage.grouping is not None:
+            self._chose_kind("thread", "with a rate or a group, it stays on threads")
+        elif pool.workers < 2:
+            # the probe compares one call at a time with two: one thread cannot show it
+            self._chose_kind("thread", "with one worker there is nothing to compare")
         elif unpicklable := _kind.unpicklable(stage.fn):
             self._chose_kind("thread", f"{unpicklable}: it stays on threads")
         else:
@@ -1414,7 +1422,9 @@ class StageRun:
                         self._set_workers,
                     )
         if self.kind == "thread":
-            # the rest of the run calls the function itself, not its timed wrapper
+            # the rest of the run calls the function itself, not its timed wrapper; the
+            # calls made with the wrapper end first, as its key is dropped from the threads
+            await limiter.drain()
             ended = self.call.key
             self.call = dataclasses.replace(self.call, key=f"{ended}:threads", fn=self.stage.fn)
             _worker.thread_teardowns(ended)

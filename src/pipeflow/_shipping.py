@@ -36,8 +36,8 @@ def light_call(call: StageCall, pool: PoolHandle | None) -> StageCall | None:
     Returns:
         The light call; None when every call should carry the callables.
     """
-    if pool is None or not isinstance(call.fn, bytes):
-        return None
+    if pool is None or pool.kind not in ("process", "dask") or not isinstance(call.fn, bytes):
+        return None  # an executor of unknown make may run calls in this process
     if sum(_size(part) for part in (call.fn, call.setup, call.teardown)) <= SEND_ONCE_BYTES:
         return None
     spec = pool.spec

@@ -130,6 +130,7 @@ class SyncResults:
         self._buffer: list[Any] = []
         self._position = 0
         self._done = False
+        self._owner = threading.current_thread()
         self._thread = threading.Thread(
             target=_run,
             args=(handoff, open_stream, source, control),
@@ -209,4 +210,10 @@ class SyncResults:
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self.close()
+            if threading.current_thread() is self._owner:
+                self.close()
+            elif not self._done:
+                # collected on another thread (one of the run's own, maybe): waiting for
+                # the run there could wait for itself
+                self._done = True
+                self._handoff.cancel(wait=False)
