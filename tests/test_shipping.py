@@ -45,9 +45,11 @@ def test_a_callable_bound_to_big_data_reaches_each_worker_once_not_every_call() 
             stage = Stage(fns.BigLookup(), executor=pool, batch=1)
             assert list(Pipeline([stage]).iter(range(100))) == _expected(range(100))
             heavy = [size for size in pool.sent if size >= fns.BIG_BYTES]
-            # each worker can answer "not loaded" to every call in flight (2 per worker)
-            # before it takes one that carries the callable: at most 4 per worker
-            assert 1 <= len(heavy) <= 8, f"{len(heavy)} of {len(pool.sent)} calls carried it"
+            # a worker without the callable answers "not loaded", and the call goes again
+            # with it, to whichever worker is free (perhaps one that has it already): how
+            # many calls carry it is random, a few per worker with a geometric tail; 20 is
+            # far out in that tail, and far from the 100 of sending it with every call
+            assert 1 <= len(heavy) <= 20, f"{len(heavy)} of {len(pool.sent)} calls carried it"
             assert len(pool.sent) >= 100
         left = [pool.submit(fns.cached_stage_entries).result(timeout=30) for _ in range(4)]
         assert left == [0, 0, 0, 0]
