@@ -44,7 +44,7 @@ import pipeflow
 from pipeflow import Pipeline, Stage
 from operator import neg
 pipeline = Pipeline([Stage(neg, kind="thread", workers=4)])
-report = pipeline.run_sync(range(300_000))
+report = pipeline.run_sync(range(1_000_000))
 print(report.wall_s)
 """,
     "async": """
@@ -53,7 +53,9 @@ from pipeflow import Pipeline, Stage
 async def neg(n):
     return -n
 async def main():
-    pipeline = Pipeline([Stage(neg, kind="async", workers=16), Stage(neg, kind="async")])
+    pipeline = Pipeline(
+        [Stage(neg, name="a", kind="async", workers=16), Stage(neg, name="b", kind="async")]
+    )
     started = time.perf_counter()
     async with pipeline.stream(range(200_000)) as results:
         async for _ in results:

@@ -472,7 +472,7 @@ def test_the_summary_and_the_live_display_say_what_auto_chose() -> None:
 
 
 def test_kind_auto_says_so_when_the_input_ends_before_it_could_measure(tmp_path: Path) -> None:
-    stage = "  - name: work\n    fn: fns:square\n    kind: auto\n"
+    stage = "  - name: work\n    fn: fns:square\n    kind: auto\n    workers: 2\n"
     outputs, report = run_command(tmp_path, stage, items=3, expect="work: kind auto chose thread")
     assert sorted(outputs) == [0, 1, 4]
     assert "before it was measured" in report["stages"][0]["kind_choice"]["reason"]

@@ -1281,9 +1281,12 @@ class StageRun:
         next_position = 0
         failed = False
         perf_counter = time.perf_counter
+        # coroutines that end without waiting are counted together, once per chunk
+        instant_items = 0
+        instant_s = 0.0
 
         async def lane() -> None:
-            nonlocal next_position, failed
+            nonlocal next_position, failed, instant_items, instant_s
             try:
                 while next_position < count:
                     if growing:
@@ -1299,17 +1302,24 @@ class StageRun:
                         if timeout is None:
                             # the first step runs here: a coroutine that never waits
                             # costs no awaitable of its own
-                            step_started = perf_counter()
                             try:
                                 yielded = coro.send(None)
                             except StopIteration as done:
-                                outcomes[position] = done.value
-                                self._item_done(perf_counter() - item_started)
-                                continue
-                            finally:
-                                took = perf_counter() - step_started
+                                took = perf_counter() - item_started
                                 if took > LOOP_BLOCK_S:
                                     self._loop_blocked(took)
+                                outcomes[position] = done.value
+                                instant_items += 1
+                                instant_s += took
+                                continue
+                            except BaseException:
+                                took = perf_counter() - item_started
+                                if took > LOOP_BLOCK_S:
+                                    self._loop_blocked(took)
+                                raise
+                            took = perf_counter() - item_started
+                            if took > LOOP_BLOCK_S:
+                                self._loop_blocked(took)
                             outcomes[position] = await TimedSteps(coro, self._loop_blocked, yielded)
                         else:
                             call = TimedSteps(coro, self._loop_blocked)
@@ -1346,6 +1356,8 @@ class StageRun:
                 await lane()
             finally:
                 handle.cancel()
+        if instant_items:
+            self._items_done(instant_items, instant_s)
         if not failed and self.stage.op == "map":
             collector.outputs = outcomes
             return collector.result(started)
@@ -1366,11 +1378,11 @@ class StageRun:
             self._chose_kind("thread", "with a timeout or a setup, it stays on threads")
         elif stage.rate_limit is not None or stage.grouping is not None:
             self._chose_kind("thread", "with a rate or a group, it stays on threads")
+        elif unpicklable := _kind.unpicklable(stage.fn):
+            self._chose_kind("thread", f"{unpicklable}: it stays on threads")
         elif pool.workers < 2:
             # the probe compares one call at a time with two: one thread cannot show it
             self._chose_kind("thread", "with one worker there is nothing to compare")
-        elif unpicklable := _kind.unpicklable(stage.fn):
-            self._chose_kind("thread", f"{unpicklable}: it stays on threads")
         else:
             timed = CpuTimed(stage.fn, batch=stage.op == "map_batch")
             self.call = dataclasses.replace(call, fn=timed)
@@ -1440,6 +1452,12 @@ class StageRun:
         self.latency.add(seconds)
         if self.tuner is not None:
             self.tuner.completed(1, seconds)
+
+    def _items_done(self, items: int, seconds: float) -> None:
+        """`items` items of an async stage ended without waiting, in `seconds` in all."""
+        self.latency.add(seconds / items, items)
+        if self.tuner is not None:
+            self.tuner.completed(items, seconds)
 
     def _set_workers(self, workers: int) -> None:
         """Run at most `workers` calls, or coroutines, at once from now on."""
