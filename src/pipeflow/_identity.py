@@ -28,6 +28,7 @@ from typing import Any
 
 __all__ = [
     "WorkerInfo",
+    "alive",
     "call_setup",
     "claim_process_index",
     "claim_thread_index",
@@ -139,7 +140,8 @@ def remove_index_file(path: str) -> None:
         os.remove(path)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -181,7 +183,7 @@ def claim_process_index(key: str, path: str) -> int | None:
     try:
         with _locked_table(path) as table:
             for held, owner in list(table.items()):
-                if owner == pid or not _alive(owner):
+                if owner == pid or not alive(owner):
                     del table[held]
             index = next(i for i in range(len(table) + 1) if str(i) not in table)
             table[str(index)] = pid

@@ -193,19 +193,9 @@ def _exit_with(pid: int) -> None:
     if pidfd is not None:
         select.select([pidfd], [], [])  # readable once the process has ended
     else:
-        while _alive(pid):
+        while _identity.alive(pid):
             time.sleep(RUN_WATCH_INTERVAL_S)
     os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def mark_process_worker() -> None:
