@@ -117,3 +117,4 @@ def test_an_executor_of_unknown_make_gets_one_call_per_chunk() -> None:
         stage = Stage(fns.BigLookup(), executor=executor, batch=1)
         assert list(Pipeline([stage]).iter(range(50))) == _expected(range(50))
         assert executor.calls == 50
+    assert fns.cached_stage_entries() == 0, "the run left its callable in this process"

@@ -1731,6 +1731,12 @@ class Runner:
                         workers=sorted(pending),
                         hint="these workers stayed busy; they tear down only if they exit normally",
                     )
+            elif pool.kind == "executor":
+                # an executor of unknown make may have run the calls in this process,
+                # which then keeps the callable and state of the stage: end them here
+                end = _worker.end_stage(call.key)
+                if end.failure is not None:
+                    self.teardown_failures.append((stage.name, end.worker, end.failure))
 
     async def _end_in_processes(
         self, stage: StageRun, pool: PoolHandle, key: str, pending: set[str]
