@@ -180,7 +180,8 @@ def test_a_failed_run_exits_1_naming_stage_item_error_and_worker_traceback(
     )
     assert 'config_fns.py", line' in done.stderr  # the worker's traceback
     assert "raise ValueError" in done.stderr
-    for internal in ("_runner.py", "_cli.py", "anyio", "typer"):
+    engine = ("_runner.py", "_pump.py", "_stagerun.py", "_settle.py", "_calls.py")
+    for internal in (*engine, "_cli.py", "anyio", "typer"):
         assert internal not in done.stderr
     assert json.loads(report.read_text())["status"] == "failed"
 

@@ -268,7 +268,9 @@ async def test_slow_source_item_reaches_the_consumer_while_the_stage_is_idle(
 ) -> None:
     # a flush longer than the test may take: each item must go on because the stage is
     # idle, not because its batch waited long enough for company
-    monkeypatch.setattr(pipeflow._runner, "FLUSH_INTERVAL_S", 3600.0)
+    # the source's flush, and a stage's wait for company (both read FLUSH_INTERVAL_S)
+    for module in (pipeflow._pump, pipeflow._stagerun):
+        monkeypatch.setattr(module, "FLUSH_INTERVAL_S", 3600.0)
     received = [threading.Event() for _ in range(6)]
 
     def lockstep():  # type: ignore[no-untyped-def]
@@ -291,7 +293,9 @@ async def test_slow_source_item_reaches_the_consumer_while_the_stage_is_idle(
 async def test_slow_async_source_item_reaches_the_consumer_while_the_stage_is_idle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pipeflow._runner, "FLUSH_INTERVAL_S", 3600.0)
+    # the source's flush, and a stage's wait for company (both read FLUSH_INTERVAL_S)
+    for module in (pipeflow._pump, pipeflow._stagerun):
+        monkeypatch.setattr(module, "FLUSH_INTERVAL_S", 3600.0)
     received = [anyio.Event() for _ in range(6)]
 
     async def lockstep():  # type: ignore[no-untyped-def]

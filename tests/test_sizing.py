@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeflow._runner import TARGET_CALL_S, _ChunkSizer
+from pipeflow._batches import TARGET_CALL_S, _ChunkSizer
 
 FIRST_CALL_S = 0.3  # a worker's first call loads the stage's callable: imports, setup
 ITEM_S = 1e-5

@@ -16,10 +16,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._control import RunControl
 from ._errors import ConfigError, PipeflowError, Problem, did_you_mean
+from ._failures import unwrap_group
 from ._plan import ErrorBudget, PlannedStage, RunPlan
 from ._pools import PoolHandle, pool_for
 from ._report import RunReport
-from ._runner import Runner, unwrap_group
+from ._runner import Runner
 from ._sinks import ListSink, NullSink, Sink
 from ._stage import Pool, Stage, duplicate_names
 from ._sync_iter import SyncResults
