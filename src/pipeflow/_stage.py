@@ -403,33 +403,44 @@ class Stage:
             problem(DASK_EXTRA_MISSING, "kind")
         if self.kind != "async" and self.setup is not None and _is_async_callable(self.setup):
             problem("an async setup needs kind: async", "setup")
-        if isinstance(self.retries, int) and not isinstance(self.retries, bool):
-            try:
-                self.retry = Retry(attempts=self.retries)
-            except ConfigError as exc:
-                problems.extend(Problem(p, self.name, key="retries") for p in exc.problems)
-        elif isinstance(self.retries, Retry):
-            self.retry = self.retries
-        elif self.retries is not None:
-            problem(f"retries must be a Retry or an int, got {self.retries!r}", "retries")
-        if isinstance(self.rate, str):
-            try:
-                self.rate_limit = Rate.parse(self.rate)
-            except ConfigError as exc:
-                problems.extend(Problem(p, self.name, key="rate") for p in exc.problems)
-        elif isinstance(self.rate, Rate):
-            self.rate_limit = self.rate
-        elif self.rate is not None:
-            problem(f"rate must be a Rate or a text such as '10/s', got {self.rate!r}", "rate")
-        if isinstance(self.group, int) and not isinstance(self.group, bool):
-            try:
-                self.grouping = Group(size=self.group)
-            except ConfigError as exc:
-                problems.extend(Problem(p, self.name, key="group") for p in exc.problems)
-        elif isinstance(self.group, Group):
-            self.grouping = self.group
-        elif self.group is not None:
-            problem(f"group must be a Group or an int, got {self.group!r}", "group")
+
+        def option(key: str, value: Any, kind: type, shorthand: Any, expected: str) -> Any:
+            """`value` as a `kind`: itself, built from its shorthand, or a problem."""
+            if isinstance(value, kind):
+                return value
+            if shorthand is not None:
+                try:
+                    return shorthand(value)
+                except ConfigError as exc:
+                    problems.extend(Problem(p, self.name, key=key) for p in exc.problems)
+            elif value is not None:
+                problem(f"{key} must be {expected}, got {value!r}", key)
+            return None
+
+        def whole(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        self.retry = option(
+            "retries",
+            self.retries,
+            Retry,
+            (lambda n: Retry(attempts=n)) if whole(self.retries) else None,
+            "a Retry or an int",
+        )
+        self.rate_limit = option(
+            "rate",
+            self.rate,
+            Rate,
+            Rate.parse if isinstance(self.rate, str) else None,
+            "a Rate or a text such as '10/s'",
+        )
+        self.grouping = option(
+            "group",
+            self.group,
+            Group,
+            (lambda n: Group(size=n)) if whole(self.group) else None,
+            "a Group or an int",
+        )
         if self.group is not None and self.op != "map_batch":
             problem(
                 f"group applies to op: map_batch (fn takes the group as a list), not {self.op}",
