@@ -15,6 +15,12 @@ def main() -> None:
     # meanwhile ends it with its exit code, not a KeyboardInterrupt traceback
     signal.signal(signal.SIGINT, _exit)
     signal.signal(signal.SIGTERM, _exit)
+    if sys.argv[1:2] == ["run"]:
+        # the forkserver's start-up overlaps the command's imports and config (see
+        # _forkserver); a run without process stages leaves it unused
+        from ._forkserver import start_forkserver
+
+        start_forkserver()
     from ._cli.commands import main as run_command
 
     run_command()

@@ -18,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -33,6 +31,7 @@ import anyio.to_thread
 
 from . import _auto, _compat, _dask, _worker
 from ._errors import CrashLoop, PoolStartError
+from ._forkserver import FORKSERVER_PRELOAD, default_start_method
 from ._stage import Pool, Stage
 
 __all__ = [
@@ -146,43 +145,6 @@ class CallSlot:
                 loop.call_soon_threadsafe(slots.release)
 
         call.add_done_callback(release)
-
-
-def default_start_method() -> str:
-    """forkserver where the platform has it (safe in a threaded parent), else spawn."""
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-# what a forkserver imports once, before it forks each worker
-FORKSERVER_PRELOAD = ("pipeflow._compat", "pipeflow._worker")
-
-
-def start_forkserver() -> None:
-    """Start the forkserver that process pools fork their workers from, without waiting
-    for it to be ready.
-
-    The `pipeflow` command calls this before it reads the config, so that the server's
-    own start-up (an interpreter, and the modules it preloads) overlaps the command's
-    instead of delaying the first pool. Where forkserver is not the default, or a pool
-    asks for another start method, the server just goes unused.
-    """
-    if (
-        default_start_method() != "forkserver"
-        or threading.current_thread() is not threading.main_thread()
-    ):
-        return
-    from multiprocessing import forkserver
-
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
-    # The server is started ignoring SIGINT, which it keeps across exec: Ctrl-C reaches the
-    # whole process group, and the server ignores it only once its preload is done, so a
-    # Ctrl-C meanwhile would print its KeyboardInterrupt traceback. The command decides how
-    # a run stops (a Ctrl-C in the moment of the spawn itself is lost: press it again).
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class _RecyclingProcessPool(concurrent.futures.ProcessPoolExecutor):

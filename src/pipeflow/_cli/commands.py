@@ -32,7 +32,6 @@ from .._control import RunControl
 from .._errors import ConfigError, PipeflowError, PipelineError
 from .._log import configure_logging, logger
 from .._pipeline import Pipeline
-from .._pools import start_forkserver
 from .._report import RunReport
 from .console import LiveProgress, log_failure, log_summary, print_failure, print_summary
 from .graph import draw
@@ -169,7 +168,6 @@ def run(
     143 on SIGTERM (the first signal stops reading and finishes the items already read,
     a second one cancels at once).
     """
-    start_forkserver()
     configure_logging(log_format.value, logging.WARNING if quiet else logging.INFO)
     as_json = log_format is LogFormat.json
     pipeline = _load(config, sets, app_dir, as_json=as_json)
