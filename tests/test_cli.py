@@ -427,6 +427,39 @@ def test_graph_shows_overrides() -> None:
     assert "square  process x2" in done.stdout and "queue 3" in done.stdout
 
 
+def test_graph_shows_a_stages_rate_and_group(tmp_path: Path) -> None:
+    config = tmp_path / "paced.yaml"
+    config.write_text(
+        """
+source:
+  range: {stop: 10}
+stages:
+  - name: fetch
+    fn: fns:square
+    kind: thread
+    rate: {limit: 5/250ms, burst: 3}
+  - name: insert
+    fn: fns:group_as_one
+    op: map_batch
+    group: {size: 4, within: 2s, by: fns:held_by_stage}
+sink:
+  null: {}
+"""
+    )
+    done = pipeflow("graph", config)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(
+        line.startswith("  fetch") and line.endswith("rate 5/250ms burst 3") for line in lines
+    )
+    assert any(
+        line.startswith("  insert") and line.endswith("group size 4 within 2s by held_by_stage")
+        for line in lines
+    )
+    mermaid = pipeflow("graph", config, "--format", "mermaid")
+    assert "rate 5/250ms burst 3" in mermaid.stdout and "group size 4" in mermaid.stdout
+
+
 def test_schema_is_json_schema() -> None:
     done = pipeflow("schema")
     assert done.returncode == 0

@@ -17,8 +17,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._control import RunControl
 from ._errors import ConfigError, PipeflowError, Problem, did_you_mean
 from ._failures import unwrap_group
+from ._group import Group
 from ._plan import ErrorBudget, PlannedStage, RunPlan
 from ._pools import PoolHandle, pool_for
+from ._rate import Rate
 from ._report import RunReport
 from ._runner import Runner
 from ._sinks import ListSink, NullSink, Sink
@@ -263,7 +265,8 @@ class Pipeline:
         return SyncResults(self.stream, source)
 
     def describe(self) -> list[dict[str, Any]]:
-        """Each stage's name, kind, workers, op and queue bound, as a graph would show them."""
+        """Each stage's name, kind, workers, op, queue bound, rate and group, as a graph
+        would show them."""
         rows = []
         for stage, pool in self.plan().stages:
             workers = pool.workers if pool else stage.workers
@@ -277,9 +280,32 @@ class Pipeline:
                     "ordered": stage.ordered,
                     "queue_size": stage.queue_size,
                     "on_error": stage.on_error,
+                    "rate": _rate_text(stage.rate_limit),
+                    "group": _group_text(stage.grouping),
                 }
             )
         return rows
+
+
+def _rate_text(rate: Rate | None) -> str | None:
+    """A rate as a config writes it: `10/s`, `5/250ms`, with its burst when not 1."""
+    if rate is None:
+        return None
+    per = {1.0: "s", 60.0: "min", 3600.0: "h"}.get(rate.per, f"{rate.per * 1000:g}ms")
+    text = f"{rate.calls:g}/{per}"
+    return text if rate.burst == 1 else f"{text} burst {rate.burst}"
+
+
+def _group_text(group: Group | None) -> str | None:
+    """A group as a config writes it: its size, `within`, and the name of its key."""
+    if group is None:
+        return None
+    parts = [] if group.size is None else [f"size {group.size}"]
+    if group.within is not None:
+        parts.append(f"within {group.within:g}s")
+    if group.by is not None:
+        parts.append(f"by {getattr(group.by, '__name__', 'key')}")
+    return " ".join(parts)
 
 
 def _same_file(sink: Sink | None, dead_letter: Sink | None) -> str | None:

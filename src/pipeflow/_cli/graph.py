@@ -16,7 +16,7 @@ FORMATS = ("text", "mermaid", "dot")
 
 
 def draw(pipeline: Pipeline, fmt: str = "text") -> str:
-    """The pipeline's stages, kinds, workers, ops and queue bounds, in `fmt`.
+    """The pipeline's stages, kinds, workers, ops, queue bounds, rates and groups, in `fmt`.
 
     Args:
         pipeline: What to draw.
@@ -47,7 +47,12 @@ def _stage_label(row: dict[str, Any]) -> str:
     if row.get("executor"):
         where += f" (executor {row['executor']})"
     order = "ordered" if row["ordered"] else "unordered"
-    return f"{where}, {row['op']}, {order}, on_error {row['on_error']}"
+    label = f"{where}, {row['op']}, {order}, on_error {row['on_error']}"
+    if row.get("rate"):
+        label += f", rate {row['rate']}"
+    if row.get("group"):
+        label += f", group {row['group']}"
+    return label
 
 
 def _source_label(source: Any) -> str:
