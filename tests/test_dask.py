@@ -6,6 +6,7 @@ user of a cluster would notice: nothing lost when a worker dies, nothing left ru
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -190,6 +191,15 @@ async def test_leaving_a_stream_early_releases_the_tasks_of_an_existing_cluster(
         # the run closed its client only: the cluster it was lent still works
         assert own_client.submit(fns.square, 7).result(timeout=10) == 49
         assert len(own_client.scheduler_info()["workers"]) == 1
+        # and its workers will exit as they would have (the quick exit is for workers
+        # the run started and ends)
+        assert not any(own_client.run(_quick_exit_armed).values())
+
+
+def _quick_exit_armed() -> bool:
+    from pipeflow import _dask
+
+    return _dask._quick_exit_armed
 
 
 def test_a_dask_pool_without_the_extra_asks_to_install_it(
@@ -272,4 +282,26 @@ async def test_a_local_cluster_with_tls_runs_the_stage_over_tls() -> None:
     await pipeline.run(progress=progress, control=control)
     assert pipeline.sink.items == [n * n for n in range(1, 11)]
     assert addresses and all(address.startswith("tls://") for address in addresses)
+    assert not worker_processes()
+
+
+async def test_the_workers_of_a_cluster_the_run_started_tear_down_before_they_exit(
+    tmp_path: Path,
+) -> None:
+    # they end without the interpreter's teardown, but after the stages' teardowns
+    log = tmp_path / "lifecycle.log"
+    stage = Stage(
+        fns.add_one_with_state,
+        kind="dask",
+        workers=2,
+        batch=1,
+        setup=functools.partial(fns.open_counted, str(log)),
+        teardown=functools.partial(fns.close_counted, str(log)),
+    )
+    with anyio.fail_after(60):
+        assert await Pipeline([stage]).collect(range(40)) == list(range(1, 41))
+    lines = log.read_text().splitlines()
+    setups = sorted(line.split()[1] for line in lines if line.startswith("setup "))
+    teardowns = sorted(line.split()[1] for line in lines if line.startswith("teardown "))
+    assert setups and teardowns == setups
     assert not worker_processes()

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from pipeflow._batches import TARGET_CALL_S, _ChunkSizer
+from typing import Any
+
+import anyio
+import pytest
+
+from fns import square
+from pipeflow import Pool, Stage
+from pipeflow._batches import ROUND_TRIPS_KEPT, TARGET_CALL_S, Batch, _ByteGauge, _ChunkSizer
+from pipeflow._pools import PoolHandle
+from pipeflow._pump import SOURCE_MAX_BATCH, _SourcePump
+from pipeflow._stagerun import StageRun
 
 FIRST_CALL_S = 0.3  # a worker's first call loads the stage's callable: imports, setup
 ITEM_S = 1e-5
@@ -32,3 +42,78 @@ def test_items_that_are_slow_on_every_call_keep_calls_small() -> None:
     for call in range(4):
         sizer.observe(1, FIRST_CALL_S, f"pid {call % 2}")
     assert sizer.size == 1
+
+
+# --- cutting a stage's input into calls ---
+
+
+def _stage_run(kind: str, *, batch: int | str = "auto") -> StageRun:
+    stage = Stage(square, name="work", kind=kind, workers=2, batch=batch)  # type: ignore[arg-type]
+    pool = PoolHandle("work", spec=Pool(kind, 2))  # type: ignore[arg-type]
+
+    async def dead_letter(record: dict[str, Any]) -> None:
+        raise AssertionError(record)
+
+    return StageRun(
+        stage,
+        pool,
+        "work",
+        dead_letter=dead_letter,
+        check_error_budget=lambda: None,
+        teardown_failures=[],
+    )
+
+
+async def _calls_for(run: StageRun, items: int) -> list[int]:
+    """The items of each call the stage makes for one batch of `items` that waits alone."""
+    send, recv = anyio.create_memory_object_stream[Batch](8)
+    send.send_nowait(Batch(range(items), list(range(items))))
+    send.close()
+    calls = []
+    with recv, anyio.fail_after(10):
+        async for chunk in run._chunks(recv):
+            calls.append(len(chunk.values))
+            run._call_done()
+    return calls
+
+
+@pytest.mark.anyio
+async def test_a_batch_that_waits_alone_is_shared_between_the_workers_once() -> None:
+    # the rest of a batch shared between two workers is not shared again and again
+    assert await _calls_for(_stage_run("process", batch=1000), 1000) == [500, 500]
+
+
+@pytest.mark.anyio
+async def test_items_worth_less_than_a_round_trip_are_not_shared_out() -> None:
+    run = _stage_run("dask")
+    run.sizer.observe(100, 100 * 1e-7, "worker 1")  # 0.1 us an item, known
+    run.sizer.observe(100, 100 * 1e-7, "worker 1")
+    run.sizer.observe_round_trip(0.010, 1e-5)  # a Dask cluster's ~10 ms
+    assert await _calls_for(run, 4000) == [4000]
+    run.sizer.observe(100, 100 * 0.001, "worker 1")  # items of 1 ms: worth a call of half
+    run.sizer.observe(100, 100 * 0.001, "worker 1")
+    assert await _calls_for(run, 40) == [20, 20]
+
+
+def test_the_round_trip_of_a_call_is_the_shortest_seen_lately() -> None:
+    sizer = _ChunkSizer(None, "dask")
+    assert sizer.round_trip_s == 0.0  # nothing is known: every part is worth a call
+    assert sizer.worth_a_call(1)
+    sizer.observe_round_trip(0.030, 0.010)  # waited behind another call
+    sizer.observe_round_trip(0.012, 0.002)
+    assert sizer.round_trip_s == pytest.approx(0.010)
+    for _ in range(ROUND_TRIPS_KEPT):
+        sizer.observe_round_trip(0.002, 0.0)
+    assert sizer.round_trip_s == pytest.approx(0.002)
+
+
+def test_source_batches_reach_the_first_stages_size_once_it_has_measured_its_items() -> None:
+    run = _stage_run("dask")
+    pump = object.__new__(_SourcePump)
+    pump.stages, pump._source_bytes = [run], _ByteGauge()
+    # unmeasured, the stage runs an item a call: batches double up to what it takes at once
+    assert [pump._next_source_batch(size) for size in (1, 2)] == [2, 2]
+    run.sizer.observe(1, 1e-7, "worker 1")
+    run.sizer.observe(1, 1e-7, "worker 1")
+    # not 4, 8, 16...: each of those would be a call with a round trip of its own
+    assert pump._next_source_batch(2) == SOURCE_MAX_BATCH

@@ -180,6 +180,7 @@ class _ExecutorCalls:
             ):
                 # with a slot a worker is free: the item's clock starts now
                 try:
+                    sent = time.perf_counter()
                     submitted = executor.submit(_worker.run_chunk, call, values, starts)
                 except (BrokenProcessPool, RuntimeError) as exc:
                     # broken already, or shut down by a replacement: the call never ran
@@ -213,7 +214,9 @@ class _ExecutorCalls:
                     # completed (even as its deadline passed): never run it again
                     error = future.exception()
                     if error is None:
-                        return future.result()
+                        result: ChunkResult = future.result()
+                        self.sizer.observe_round_trip(time.perf_counter() - sent, result.busy_s)
+                        return result
                     if isinstance(error, _worker.NotLoaded):
                         call = self.call  # with the callables, which the worker keeps
                         continue

@@ -372,7 +372,8 @@ class StageRun(_Settlement):
         report = self.report
         indices: Sequence[int] = ()
         values: list[Any] = []
-        start = size = 0
+        # `size` is the cut of the batch at hand, made for the sizer's size `cut_for`
+        start = size = cut_for = 0
         while True:
             await self.limiter.acquire()
             if self.kind_probe is not None and self.kind_probe.choice is not None:
@@ -426,15 +427,19 @@ class StageRun(_Settlement):
                 count = len(values)
                 report.items_in += count
                 start = 0
+                cut_for = size
                 size = self._share(size, count, recv)
                 if count <= size:
                     start = count
                     self.calls_running += 1
                     yield Batch(indices, values)
                     continue
-            elif self.sizer.size > size:
+            elif self.sizer.size > cut_for:
                 # the rest of a batch cut while the size was still unknown: cut it anew
-                size = self._share(self.sizer.size, len(values) - start, recv)
+                # (once per new size: the rest of a batch shared between the workers is
+                # not shared again and again, in ever smaller calls)
+                cut_for = self.sizer.size
+                size = self._share(cut_for, len(values) - start, recv)
             end = start + size
             chunk = Batch(indices[start:end], values[start:end])
             start = end
@@ -474,13 +479,17 @@ class StageRun(_Settlement):
 
     def _share(self, size: int, count: int, recv: MemoryObjectReceiveStream[Batch]) -> int:
         """The chunk size for `count` items at hand: nothing else waits, share them
-        between the workers."""
+        between the workers, in parts whose items are worth a call of their own (a part
+        that costs less than a round trip is done sooner with the others, on a Dask
+        cluster above all)."""
         if (
             recv.statistics().current_buffer_used == 0
             and self.workers > 1
             and self.kind != "async"  # its lanes share a chunk between the workers
         ):
-            return min(size, math.ceil(count / self.workers))
+            shared = math.ceil(count / self.workers)
+            if self.sizer.worth_a_call(shared):
+                return min(size, shared)
         return size
 
     # --- one chunk ---
