@@ -111,6 +111,8 @@ class StageRun(_Settlement):
         # an async stage's lanes (see _call_async): each runs one coroutine at a time
         self.lanes_free = self.workers
         self.lane_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # chunks being run whose items not all have a lane yet, oldest first
+        self.lane_takers: collections.deque[Callable[[], bool]] = collections.deque()
         # true while the stage holds a free slot and waits for input; `on_hungry` is
         # called as it starts to wait (the source hands over what it holds at once)
         self.hungry = False
