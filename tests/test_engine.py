@@ -123,7 +123,7 @@ async def test_async_stage_keeps_every_worker_busy_from_one_chunk_to_the_next() 
             tg.start_soon(drive)
             report = await pipeline.run(range(n))
     assert sink.items == list(range(n))
-    assert report.stages[0].calls == math.ceil(n / 16)  # the items came in several chunks
+    assert report.stages[0].calls > 1  # the items came in several chunks
 
 
 async def test_unordered_stage_delivers_every_item() -> None:

@@ -211,7 +211,7 @@ class _SourcePump:
                     if not values:
                         return
                     await self._deliver(send, values)
-                    size = min(size * 2, self._max_source_batch())
+                    size = self._max_source_batch()
             else:
                 # a generator may block (files, sockets): pull it in a thread of its own
                 await self._pump_puller(_Puller(iterator, stop), send)
@@ -247,7 +247,7 @@ class _SourcePump:
                         values = await puller.take(size, FLUSH_INTERVAL_S, idle)
                     if values:
                         await self._deliver(send, values)
-                    size = min(size * 2, self._max_source_batch())
+                    size = self._max_source_batch()
         finally:
             puller.close()
         if puller.error is not None:
@@ -318,5 +318,5 @@ class _SourcePump:
                     pulling.cancel()
                     ended = True
                 await self._deliver(send, values)
-                size = min(size * 2, self._max_source_batch())
+                size = self._max_source_batch()
             tg.cancel_scope.cancel()  # stopping: the puller waits inside the source

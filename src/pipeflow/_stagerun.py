@@ -98,9 +98,10 @@ class StageRun(_Settlement):
             )
         if stage.timeout is not None and pool is not None:
             pool.bound_calls()
-        # a process pool is kept busy by one call queued behind each running one
-        remote = self.kind in ("process", "executor", "dask")
-        self.in_flight = self.workers * 2 if remote and rate is None else self.workers
+        # a pool is kept busy by one call queued behind each running one: a worker that
+        # ends a call takes the next at once, not after a round trip through the loop
+        pooled = self.kind != "async"
+        self.in_flight = self.workers * 2 if pooled and rate is None else self.workers
         # asyncio's own primitives on the per-chunk path: anyio's look up the running
         # backend on every call, which costs more than the rest of a thread-pool call
         self.limiter = asyncio.Semaphore(self.in_flight)
@@ -434,8 +435,10 @@ class StageRun(_Settlement):
                     self.calls_running += 1
                     yield Batch(indices, values)
                     continue
-            elif self.sizer.size > size:
-                # the rest of a batch cut while the size was still unknown: cut it anew
+            else:
+                # each cut is sized anew: the size may have been learnt since the batch
+                # came, and as the items at hand run low with nothing else waiting, the
+                # cuts shrink so that every worker stays busy to the end
                 size = self._share(self.sizer.size, len(values) - start, recv)
             end = start + size
             chunk = Batch(indices[start:end], values[start:end])
