@@ -24,8 +24,8 @@ from ._failures import _error_of, _leaf
 from ._report import RunReport
 from ._stagerun import StageRun
 
-# A source batch doubles from 1 item up to this, so the first item flows at once and a
-# fast source soon moves in large batches.
+# The first source batch is one item, so that it flows at once; the next ones are as
+# large as the first stage can take in at once (see _max_source_batch), up to this.
 SOURCE_MAX_BATCH = 16384
 
 
