@@ -480,12 +480,12 @@ class StageRun(_Settlement):
     def _share(self, size: int, count: int, recv: MemoryObjectReceiveStream[Batch]) -> int:
         """The chunk size for `count` items at hand: nothing else waits, share them
         between the workers."""
-        if (
-            recv.statistics().current_buffer_used == 0
-            and self.workers > 1
-            and self.kind != "async"  # its lanes share a chunk between the workers
-        ):
-            return min(size, math.ceil(count / self.workers))
+        if self.kind == "async" or self.workers < 2:  # its lanes share a chunk out
+            return size
+        shared = math.ceil(count / self.workers)
+        # (the cheap test first: this runs at every cut)
+        if shared < size and recv.statistics().current_buffer_used == 0:
+            return shared
         return size
 
     # --- one chunk ---
