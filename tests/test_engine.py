@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -13,7 +14,7 @@ import pytest
 
 import fns
 import pipeflow
-from pipeflow import Pipeline, Pool, Stage
+from pipeflow import ListSink, Pipeline, Pool, Stage
 from test_cli import REPORT_STAGE_FIELDS
 
 pytestmark = pytest.mark.anyio
@@ -80,6 +81,49 @@ async def test_async_stage_runs_at_most_workers_coroutines_at_once() -> None:
     assert sorted(results) == [n + 11 for n in range(2_000)]
     # the chunks of a stage share its workers, and they are all used
     assert peak == {"a": 4, "b": 3}
+
+
+async def test_async_stage_keeps_every_worker_busy_from_one_chunk_to_the_next() -> None:
+    # Each item waits until the test lets it end, and the test lets the oldest running
+    # item end only once every worker runs one (or every item left does): the run ends
+    # only if a coroutine that ends hands its worker to the next item at once, whichever
+    # chunk that item is in, without waiting for another item of that chunk to end.
+    workers, n = 4, 200
+    running: list[int] = []
+    changed = anyio.Event()
+    released: dict[int, anyio.Event] = {}
+
+    async def held(x: int) -> int:
+        nonlocal changed
+        released[x] = anyio.Event()
+        running.append(x)
+        changed.set()
+        await released[x].wait()
+        running.remove(x)
+        changed.set()
+        return x
+
+    async def until(condition: Callable[[], bool]) -> None:
+        nonlocal changed
+        while not condition():
+            changed = anyio.Event()
+            await changed.wait()
+
+    async def drive() -> None:
+        for done in range(n):
+            await until(lambda: len(running) >= min(workers, n - done))  # noqa: B023
+            oldest = running[0]
+            released[oldest].set()
+            await until(lambda: oldest not in running)  # noqa: B023
+
+    sink = ListSink()
+    pipeline = Pipeline([Stage(held, kind="async", workers=workers, batch=16)], sink=sink)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drive)
+            report = await pipeline.run(range(n))
+    assert sink.items == list(range(n))
+    assert report.stages[0].calls > 1  # the items came in several chunks
 
 
 async def test_unordered_stage_delivers_every_item() -> None:

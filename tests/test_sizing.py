@@ -84,6 +84,21 @@ async def test_a_batch_that_waits_alone_is_shared_between_the_workers_once() -> 
 
 
 @pytest.mark.anyio
+async def test_the_last_calls_of_costly_items_shrink_so_that_no_worker_idles() -> None:
+    run = _stage_run("thread")
+    for _ in range(3):
+        run.sizer.observe(1, 0.005, "thread 1")  # 5 ms an item: a few items a call
+    run.sizer.observe_round_trip(0.0051, 0.005)
+    size = run.sizer.size
+    assert 1 < size < 16
+    calls = await _calls_for(run, 64)
+    assert sum(calls) == 64 and max(calls) == size
+    # the items left at the end are shared between the two workers, down to one each
+    assert calls[-2:] == [1, 1]
+    assert calls == sorted(calls, reverse=True)
+
+
+@pytest.mark.anyio
 async def test_items_worth_less_than_a_round_trip_are_not_shared_out() -> None:
     run = _stage_run("dask")
     run.sizer.observe(100, 100 * 1e-7, "worker 1")  # 0.1 us an item, known
@@ -111,9 +126,9 @@ def test_source_batches_reach_the_first_stages_size_once_it_has_measured_its_ite
     run = _stage_run("dask")
     pump = object.__new__(_SourcePump)
     pump.stages, pump._source_bytes = [run], _ByteGauge()
-    # unmeasured, the stage runs an item a call: batches double up to what it takes at once
-    assert [pump._next_source_batch(size) for size in (1, 2)] == [2, 2]
+    # unmeasured, the stage runs an item a call: a batch is what its workers take at once
+    assert pump._max_source_batch() == 2
     run.sizer.observe(1, 1e-7, "worker 1")
     run.sizer.observe(1, 1e-7, "worker 1")
     # not 4, 8, 16...: each of those would be a call with a round trip of its own
-    assert pump._next_source_batch(2) == SOURCE_MAX_BATCH
+    assert pump._max_source_batch() == SOURCE_MAX_BATCH

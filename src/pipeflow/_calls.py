@@ -11,11 +11,12 @@ import collections
 import concurrent.futures
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple
 
 import anyio
+import anyio.lowlevel
 
 from . import _rate, _worker
 from ._auto import LatencyHistogram, StageTuner
@@ -68,6 +69,7 @@ class _ExecutorCalls:
     async_state: Any
     lanes_free: int
     lane_waiters: collections.deque[asyncio.Future[None]]
+    lane_takers: collections.deque[Callable[[], bool]]
 
     async def _call_isolating(self, values: list[Any], *, suspect: bool = False) -> ChunkResult:
         """Call for a chunk, and pin any failure of the call itself on its own item.
@@ -346,25 +348,37 @@ class _ExecutorCalls:
         # `workers` lanes, so that at most `workers` coroutines of the stage run at once.
         # The chunk's own task is its first lane; more start only once that lane has let
         # the loop run with items left (a coroutine waited), so that coroutines that never
-        # wait run a whole chunk in one task.
+        # wait run a whole chunk in one task. From then on the chunk is a lane taker: a
+        # lane that any chunk gives back goes at once to the oldest chunk with items no
+        # lane has taken (see _release_lane), so no lane idles while an item waits.
         count = len(values)
         outcomes: list[Any] = [None] * count
         state = self.async_state
         next_position = 0
+        # lanes started for this chunk that have not yet taken an item
+        starting = 0
+        # set once a lane of this chunk ends with an error or a cancellation: the chunk
+        # takes no more lanes
+        closing = False
         failed = False
         perf_counter = time.perf_counter
         # coroutines that end without waiting are counted together, once per chunk
         instant_items = 0
         instant_s = 0.0
 
-        async def lane() -> None:
-            nonlocal next_position, failed, instant_items, instant_s
+        async def lane(started: bool = False) -> None:
+            nonlocal next_position, starting, closing, failed, instant_items, instant_s
             try:
+                if started:
+                    starting -= 1
+                    # handed over from a chunk that was ending: a cancelled run starts
+                    # no new coroutine
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                 while next_position < count:
-                    if growing:
-                        grow()
                     position = next_position
                     next_position += 1
+                    if growing and self.lanes_free > 0:
+                        grow()
                     value = values[position]
                     if starts is not None:
                         await _rate.wait_until(starts[position])
@@ -406,19 +420,30 @@ class _ExecutorCalls:
                         outcomes[position] = _AsyncFailure(exc)
                         failed = True
                     self._item_done(perf_counter() - item_started)
+            except BaseException:
+                closing = True
+                raise
             finally:
                 self._release_lane()
+
+        def take() -> bool:
+            """Start a lane with a lane given back: whether this chunk took it."""
+            nonlocal starting
+            if closing or count - next_position - starting <= 0:
+                return False
+            starting += 1
+            tg.start_soon(lane, True)
+            return True
 
         growing = False
 
         def grow() -> None:
             nonlocal growing
-            growing = True
-            spare = count - next_position
-            while spare > 0 and self.lanes_free > 0 and not self.lane_waiters:
+            if not growing:
+                growing = True
+                self.lane_takers.append(take)
+            while self.lanes_free > 0 and not self.lane_waiters and take():
                 self.lanes_free -= 1
-                spare -= 1
-                tg.start_soon(lane)
 
         await self._take_lane()
         loop = asyncio.get_running_loop()
@@ -428,6 +453,10 @@ class _ExecutorCalls:
                 await lane()
             finally:
                 handle.cancel()
+                closing = True
+                if growing:
+                    with contextlib.suppress(ValueError):  # dropped by _release_lane
+                        self.lane_takers.remove(take)
         if instant_items:
             self._items_done(instant_items, instant_s)
         if not failed and self.stage.op == "map":
@@ -470,6 +499,12 @@ class _ExecutorCalls:
         if self.lanes_free < 0:  # workers: auto took lanes away: this one goes
             self.lanes_free += 1
             return
+        # the oldest chunk with items no lane has taken first: its items came first
+        takers = self.lane_takers
+        while takers:
+            if takers[0]():
+                return
+            takers.popleft()
         waiters = self.lane_waiters
         while waiters:
             waiter = waiters.popleft()

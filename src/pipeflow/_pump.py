@@ -24,8 +24,8 @@ from ._failures import _error_of, _leaf
 from ._report import RunReport
 from ._stagerun import StageRun
 
-# A source batch doubles from 1 item up to this, so the first item flows at once and a
-# fast source soon moves in large batches.
+# The first source batch is one item, so that it flows at once; the next ones are as
+# large as the first stage can take in at once (see _max_source_batch), up to this.
 SOURCE_MAX_BATCH = 16384
 
 
@@ -189,20 +189,6 @@ class _SourcePump:
         by_bytes = self._source_bytes.items_within(MAX_SOURCE_BATCH_BYTES)
         return max(1, min(SOURCE_MAX_BATCH, first.sizer.size * first.workers, by_bytes))
 
-    def _next_source_batch(self, size: int) -> int:
-        """The size of the source batch after one of `size`.
-
-        Twice as big, up to what the first stage can use at once, so that the first items
-        flow at once; once that stage has measured its items, what it can use at once: a
-        ramp that doubles from where the first stage's unmeasured size held it (a batch
-        or two) would feed it calls of a few items, which cost a full round trip each on
-        a pool far away (a Dask cluster).
-        """
-        limit = self._max_source_batch()
-        if self.stages and self.stages[0].sizer.per_item is not None:
-            return limit
-        return min(size * 2, limit)
-
     async def _deliver(self, send: MemoryObjectSendStream[Batch], values: list[Any]) -> None:
         report = self.report
         index = report.items_read
@@ -225,7 +211,7 @@ class _SourcePump:
                     if not values:
                         return
                     await self._deliver(send, values)
-                    size = self._next_source_batch(size)
+                    size = self._max_source_batch()
             else:
                 # a generator may block (files, sockets): pull it in a thread of its own
                 await self._pump_puller(_Puller(iterator, stop), send)
@@ -261,7 +247,7 @@ class _SourcePump:
                         values = await puller.take(size, FLUSH_INTERVAL_S, idle)
                     if values:
                         await self._deliver(send, values)
-                    size = self._next_source_batch(size)
+                    size = self._max_source_batch()
         finally:
             puller.close()
         if puller.error is not None:
@@ -332,5 +318,5 @@ class _SourcePump:
                     pulling.cancel()
                     ended = True
                 await self._deliver(send, values)
-                size = self._next_source_batch(size)
+                size = self._max_source_batch()
             tg.cancel_scope.cancel()  # stopping: the puller waits inside the source

@@ -98,9 +98,10 @@ class StageRun(_Settlement):
             )
         if stage.timeout is not None and pool is not None:
             pool.bound_calls()
-        # a process pool is kept busy by one call queued behind each running one
-        remote = self.kind in ("process", "executor", "dask")
-        self.in_flight = self.workers * 2 if remote and rate is None else self.workers
+        # a pool is kept busy by one call queued behind each running one: a worker that
+        # ends a call takes the next at once, not after a round trip through the loop
+        pooled = self.kind != "async"
+        self.in_flight = self.workers * 2 if pooled and rate is None else self.workers
         # asyncio's own primitives on the per-chunk path: anyio's look up the running
         # backend on every call, which costs more than the rest of a thread-pool call
         self.limiter = asyncio.Semaphore(self.in_flight)
@@ -111,6 +112,8 @@ class StageRun(_Settlement):
         # an async stage's lanes (see _call_async): each runs one coroutine at a time
         self.lanes_free = self.workers
         self.lane_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # chunks being run whose items not all have a lane yet, oldest first
+        self.lane_takers: collections.deque[Callable[[], bool]] = collections.deque()
         # true while the stage holds a free slot and waits for input; `on_hungry` is
         # called as it starts to wait (the source hands over what it holds at once)
         self.hungry = False
@@ -372,8 +375,7 @@ class StageRun(_Settlement):
         report = self.report
         indices: Sequence[int] = ()
         values: list[Any] = []
-        # `size` is the cut of the batch at hand, made for the sizer's size `cut_for`
-        start = size = cut_for = 0
+        start = size = 0
         while True:
             await self.limiter.acquire()
             if self.kind_probe is not None and self.kind_probe.choice is not None:
@@ -427,19 +429,19 @@ class StageRun(_Settlement):
                 count = len(values)
                 report.items_in += count
                 start = 0
-                cut_for = size
                 size = self._share(size, count, recv)
                 if count <= size:
                     start = count
                     self.calls_running += 1
                     yield Batch(indices, values)
                     continue
-            elif self.sizer.size > cut_for:
-                # the rest of a batch cut while the size was still unknown: cut it anew
-                # (once per new size: the rest of a batch shared between the workers is
-                # not shared again and again, in ever smaller calls)
-                cut_for = self.sizer.size
-                size = self._share(cut_for, len(values) - start, recv)
+            elif self.sizer.fixed is None:
+                # each cut of an auto-sized stage is sized anew: the size may have been
+                # learnt since the batch came, and as the items at hand run low with
+                # nothing else waiting, the cuts shrink (while a part is worth a call of
+                # its own, see _share) so that every worker stays busy to the end; a
+                # fixed `batch` keeps the cut it was given
+                size = self._share(self.sizer.size, len(values) - start, recv)
             end = start + size
             chunk = Batch(indices[start:end], values[start:end])
             start = end
@@ -482,14 +484,16 @@ class StageRun(_Settlement):
         between the workers, in parts whose items are worth a call of their own (a part
         that costs less than a round trip is done sooner with the others, on a Dask
         cluster above all)."""
+        if self.kind == "async" or self.workers < 2:  # its lanes share a chunk out
+            return size
+        shared = math.ceil(count / self.workers)
+        # (the cheap tests first: this runs at every cut)
         if (
-            recv.statistics().current_buffer_used == 0
-            and self.workers > 1
-            and self.kind != "async"  # its lanes share a chunk between the workers
+            shared < size
+            and self.sizer.worth_a_call(shared)
+            and recv.statistics().current_buffer_used == 0
         ):
-            shared = math.ceil(count / self.workers)
-            if self.sizer.worth_a_call(shared):
-                return min(size, shared)
+            return shared
         return size
 
     # --- one chunk ---
