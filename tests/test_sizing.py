@@ -100,7 +100,9 @@ async def test_the_last_calls_of_costly_items_shrink_so_that_no_worker_idles() -
 
 @pytest.mark.anyio
 async def test_items_worth_less_than_a_round_trip_are_not_shared_out() -> None:
-    run = _stage_run("dask")
+    # a process pool whose calls take as long as a Dask cluster's (a test runs without
+    # the dask extra: the rule is the same on every pool)
+    run = _stage_run("process")
     run.sizer.observe(100, 100 * 1e-7, "worker 1")  # 0.1 us an item, known
     run.sizer.observe(100, 100 * 1e-7, "worker 1")
     run.sizer.observe_round_trip(0.010, 1e-5)  # a Dask cluster's ~10 ms
@@ -123,7 +125,7 @@ def test_the_round_trip_of_a_call_is_the_shortest_seen_lately() -> None:
 
 
 def test_source_batches_reach_the_first_stages_size_once_it_has_measured_its_items() -> None:
-    run = _stage_run("dask")
+    run = _stage_run("process")
     pump = object.__new__(_SourcePump)
     pump.stages, pump._source_bytes = [run], _ByteGauge()
     # unmeasured, the stage runs an item a call: a batch is what its workers take at once
