@@ -50,11 +50,14 @@ async def test_a_fast_source_never_runs_ahead_of_a_slow_stage() -> None:
             seen += 1
             if seen == 2000:
                 break
-    # Items taken but not finished: the queue's batches, the calls in flight, the
-    # batch the source holds while it waits, and the one being pulled.
-    bound = queue_size + workers + 2
+    # Items taken but not finished: the queue's batches, the calls in flight (one running
+    # and one queued behind it per worker), the batch the source holds while it waits,
+    # and the one being pulled.
+    bound = queue_size + 2 * workers + 2
     assert 0 < worst <= bound, f"the source ran {worst} items ahead (bound {bound})"
-    assert pulled < 2000 + bound + 1
+    # Items pulled but not taken by the consumer: those, and the results finished but
+    # not yet taken, in the sink's queue and in the stream's own (2 batches).
+    assert pulled < 2000 + bound + pipeline.sink_queue_size + 2 + 1
 
 
 async def test_the_host_loop_stays_responsive_during_a_cpu_heavy_stage(tmp_path: Path) -> None:
