@@ -40,7 +40,6 @@ __all__ = [
     "CrashLoop",
     "PoolHandle",
     "PoolStartError",
-    "default_start_method",
     "pool_for",
 ]
 
