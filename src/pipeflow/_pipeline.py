@@ -20,7 +20,7 @@ from ._failures import unwrap_group
 from ._group import Group
 from ._plan import ErrorBudget, PlannedStage, RunPlan
 from ._pools import PoolHandle, pool_for
-from ._rate import Rate
+from ._rate import rate_text
 from ._report import RunReport
 from ._runner import Runner
 from ._sinks import ListSink, NullSink, Sink
@@ -280,20 +280,11 @@ class Pipeline:
                     "ordered": stage.ordered,
                     "queue_size": stage.queue_size,
                     "on_error": stage.on_error,
-                    "rate": _rate_text(stage.rate_limit),
+                    "rate": None if stage.rate_limit is None else rate_text(stage.rate_limit),
                     "group": _group_text(stage.grouping),
                 }
             )
         return rows
-
-
-def _rate_text(rate: Rate | None) -> str | None:
-    """A rate as a config writes it: `10/s`, `5/250ms`, with its burst when not 1."""
-    if rate is None:
-        return None
-    per = {1.0: "s", 60.0: "min", 3600.0: "h"}.get(rate.per, f"{rate.per * 1000:g}ms")
-    text = f"{rate.calls:g}/{per}"
-    return text if rate.burst == 1 else f"{text} burst {rate.burst}"
 
 
 def _group_text(group: Group | None) -> str | None:

@@ -25,10 +25,21 @@ from typing import Any
 
 from ._errors import ConfigError
 
-__all__ = ["MAX_BURST", "Pacer", "Rate", "parse_rate", "seconds_until", "sleep_until", "wait_until"]
+__all__ = [
+    "MAX_BURST",
+    "Pacer",
+    "Rate",
+    "parse_rate",
+    "rate_text",
+    "seconds_until",
+    "sleep_until",
+    "wait_until",
+]
 
 _LIMIT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*(\d+(?:\.\d*)?|\.\d+)?\s*(ms|s|m|min|h)\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+# the unit a period of one of these lengths is written in; other periods in ms
+_UNIT_OF = {per: unit for unit, per in _UNIT_S.items() if unit in ("s", "min", "h")}
 # A rate's burst is the most calls that may start at once after an idle spell; beyond
 # this it is a typo, and would let a stage hold that many start times at once.
 MAX_BURST = 100_000
@@ -48,6 +59,13 @@ def parse_rate(text: Any) -> tuple[float, float]:
     if calls <= 0 or per <= 0:
         raise ValueError(f"bad rate {text!r}: the calls and the period must be positive")
     return calls, per
+
+
+def rate_text(rate: Rate) -> str:
+    """`rate` as a config writes it: `10/s`, `5/250ms`, with its burst when not 1."""
+    per = _UNIT_OF.get(rate.per, f"{rate.per * 1000:g}ms")
+    text = f"{rate.calls:g}/{per}"
+    return text if rate.burst == 1 else f"{text} burst {rate.burst}"
 
 
 @dataclass(frozen=True)
