@@ -13,17 +13,23 @@ interleaved: round r runs them in an order rotated by r. Walls are end to end, p
 and auto's exploration included. Reported per round and as the median over rounds: auto's
 wall against the best grid point of the same round (the target: within 10 %) and against
 the default.
+
+A grid point that has run `CUT_AT` times as long as the quickest run of the workload so far
+(a warm-up run of `auto` before the rounds sets the first) cannot be the best point: its
+source stops there, and its wall is reported as a lower bound (`>`). The default is such a
+point on most workloads; auto against it is then an upper bound (`<`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,8 @@ WORKERS = (1, 2, 4, 8, 16, 32, 64)
 KINDS = ("thread", "process")
 SHIFT_FAST_S = 0.002
 SHIFT_SLOW_S = 0.010
+# a grid point stops once it has run this many times the workload's quickest run so far
+CUT_AT = 2.0
 
 
 def shifting_io(x: int, half: int) -> int:
@@ -93,17 +101,35 @@ def points() -> list[Point]:
     return grid
 
 
-def run_point(workload: Workload, n: int, kind: Any, workers: Any) -> tuple[float, Any]:
+def until(deadline: float, items: Iterable[Any]) -> Iterator[Any]:
+    """`items` until the clock passes `deadline`."""
+    for item in items:
+        if time.perf_counter() > deadline:
+            return
+        yield item
+
+
+def run_point(
+    workload: Workload, n: int, kind: Any, workers: Any, limit_s: float = math.inf
+) -> tuple[float, Any, bool]:
+    """One run: its wall, its report, and whether it was cut at `limit_s`."""
     fns = workload.fns or (_shifting(n),)
     stages = [
         pipeflow.Stage(fn, name=f"s{i}", kind=kind, workers=workers) for i, fn in enumerate(fns)
     ]
     pipeline = pipeflow.Pipeline(stages, sink=pipeflow.NullSink())
     started = time.perf_counter()
-    report = pipeline.run_sync(workload.source(n))
+    report = pipeline.run_sync(until(started + limit_s, workload.source(n)))
     wall = time.perf_counter() - started
-    assert report.items_written == n, (workload.name, kind, workers, report.items_written)
-    return wall, report
+    cut = report.items_written < n
+    assert report.status == "ok" and (cut or report.items_written == n), (
+        workload.name,
+        kind,
+        workers,
+        report.status,
+        report.items_written,
+    )
+    return wall, report, cut
 
 
 def main() -> None:
@@ -121,14 +147,24 @@ def main() -> None:
         n = workload.quick_n if args.quick else workload.n
         grid = points()
         rounds: list[dict[str, float]] = []
+        cuts: list[list[str]] = []
         chosen: list[str] = []
         print(f"\n{workload.name}: {n} items, load {os.getloadavg()[0]:.1f}", flush=True)
+        quickest, _, _ = run_point(workload, n, "auto", "auto")  # warm-up: the first reference
+        print(f"  warm-up         auto: {quickest:7.3f}s", flush=True)
         for r in range(args.rounds):
             order = grid[r % len(grid) :] + grid[: r % len(grid)]
             walls: dict[str, float] = {}
+            cut_here: list[str] = []
             for label, kind, workers in order:
-                wall, report = run_point(workload, n, kind, workers)
+                tuned = kind == "auto" or workers == "auto"
+                limit = math.inf if tuned else CUT_AT * quickest
+                wall, report, cut = run_point(workload, n, kind, workers, limit)
                 walls[label] = wall
+                if cut:
+                    cut_here.append(label)
+                else:
+                    quickest = min(quickest, wall)
                 if kind == "auto" or workers == "auto":
                     chosen.append(
                         f"{label}: "
@@ -138,16 +174,27 @@ def main() -> None:
                             for s in report.stages
                         )
                     )
-                print(f"  round {r + 1} {label:>12}: {wall:7.3f}s", flush=True)
+                mark = f" > (cut after {report.items_written} items)" if cut else ""
+                print(f"  round {r + 1} {label:>12}: {wall:7.3f}s{mark}", flush=True)
             rounds.append(walls)
-        summary = summarize(rounds)
-        results[workload.name] = {"n": n, "rounds": rounds, "chosen": chosen, **summary}
+            cuts.append(cut_here)
+        summary = summarize(rounds, cuts)
+        results[workload.name] = {
+            "n": n,
+            "rounds": rounds,
+            "cut": cuts,
+            "chosen": chosen,
+            "load": os.getloadavg()[0],
+            **summary,
+        }
+        bound = "<" if summary["default_cut"] else ""
         print(
             f"{workload.name}: best grid point {summary['best']} ({summary['best_wall']:.3f}s "
             f"median); auto / best {summary['auto_vs_best']:.2f} "
             f"(rounds {', '.join(f'{x:.2f}' for x in summary['auto_vs_best_rounds'])}), "
             f"thread auto / best {summary['thread_auto_vs_best']:.2f}, "
-            f"auto / default {summary['auto_vs_default']:.2f}",
+            f"auto / default {bound}{summary['auto_vs_default']:.2f}, "
+            f"load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
         for line in chosen:
@@ -156,12 +203,13 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
-def summarize(rounds: list[dict[str, float]]) -> dict[str, Any]:
-    """Auto against the best grid point of each round, and against the default."""
+def summarize(rounds: list[dict[str, float]], cuts: list[list[str]]) -> dict[str, Any]:
+    """Auto against the best grid point of each round, and against the default (a cut
+    default's wall is a lower bound, so auto against it an upper bound)."""
     grid_labels = [label for label in rounds[0] if " x" in label]
     auto_vs_best, thread_vs_best, auto_vs_default, bests = [], [], [], []
-    for walls in rounds:
-        best = min(grid_labels, key=walls.__getitem__)
+    for walls, cut in zip(rounds, cuts, strict=True):
+        best = min((label for label in grid_labels if label not in cut), key=walls.__getitem__)
         bests.append(best)
         auto_vs_best.append(walls["auto"] / walls[best])
         thread_vs_best.append(walls["thread auto"] / walls[best])
@@ -174,6 +222,7 @@ def summarize(rounds: list[dict[str, float]]) -> dict[str, Any]:
         "auto_vs_best_rounds": auto_vs_best,
         "thread_auto_vs_best": statistics.median(thread_vs_best),
         "auto_vs_default": statistics.median(auto_vs_default),
+        "default_cut": any("default" in cut for cut in cuts),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import subprocess
@@ -253,6 +254,73 @@ def test_the_tuner_records_each_change_and_applies_it() -> None:
     assert times == sorted(times)
 
 
+def test_a_call_that_started_before_a_change_is_not_counted_at_the_new_limit() -> None:
+    now = [0.0]
+    windows: list[tuple[int, Window]] = []
+    report = StageReport("s", "thread", 64)
+    tuner = StageTuner(1, 64, 4, report, lambda workers: None, clock=lambda: now[0])
+    observe = tuner.controller.observe
+
+    def seen(window: Window, t: float = 0.0) -> Decision | None:
+        windows.append((tuner.controller.limit, window))
+        return observe(window, t)
+
+    tuner.controller.observe = seen  # type: ignore[method-assign]
+    tuner.completed(1, 0.01)  # the first completion starts the clock
+    while report.workers == 4:
+        now[0] += 0.01
+        tuner.completed(4, 0.04, calls=4)  # 4 calls of 10 ms each 10 ms
+    assert report.workers == 8
+    # 30 ms calls begun at 4 workers end after the change: they say nothing of 8
+    for _ in range(3):
+        now[0] += 0.001
+        tuner.completed(1, 0.03)
+    while report.workers == 8:
+        now[0] += 0.01
+        tuner.completed(8, 0.08, calls=8)
+    limit, window = windows[-1]
+    assert limit == 8
+    # every call counted at 8 ran at 8: 800 items/s, not diluted by the calls begun at 4
+    assert window.throughput == pytest.approx(800)
+
+
+def test_a_climb_is_measured_in_calls_per_worker_not_in_long_windows() -> None:
+    # calls of 5 ms: each window of the climb holds 2 calls per worker
+    now = [0.0]
+    report = StageReport("s", "thread", 64)
+    tuner = StageTuner(1, 64, 4, report, lambda workers: None, clock=lambda: now[0])
+    tuner.completed(1, 0.005)
+    while now[0] < 1.0 and "upper bound" not in report.decisions[-1]["reason"]:
+        now[0] += 0.005
+        workers = report.workers
+        tuner.completed(workers, 0.005 * workers, calls=workers)
+    assert [w for _, w in report.concurrency] == [4, 8, 32, 64]
+    # 4 windows: at 4, 8, 32 and 64 workers, each of 2 calls per worker and a settling
+    assert now[0] <= 4 * (_auto.CLIMB_WAVES + 1) * 0.005 + 1e-9
+    assert now[0] < 2 * WINDOW_S
+
+
+def test_the_tuner_goes_on_from_a_window_measured_before_it() -> None:
+    applied: list[int] = []
+    report = StageReport("s", "thread", 64)
+    tuner = StageTuner(1, 64, 4, report, applied.append, clock=lambda: 1.0)
+    tuner.seed(Window(0.05, 40, 0.005))
+    assert applied == [8]
+    assert report.decisions[0]["reason"] == "start"
+    assert "800 items/s at 4: trying 8" in report.decisions[1]["reason"]
+
+
+def test_probes_that_bring_nothing_come_less_and_less_often() -> None:
+    controller = ConcurrencyController(1, 64, start=8)
+    drive(controller, saturating(8), windows=3)
+    decisions = drive(controller, saturating(8), windows=400)
+    probes = [d.t for d in decisions if "probing" in d.reason]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert gaps == sorted(gaps), gaps
+    assert gaps[-1] >= _auto.MAX_PROBE_EVERY
+    assert controller.limit == 8
+
+
 # --- stages tuned for real ---
 
 
@@ -370,6 +438,63 @@ def test_choose_kind(
     chosen, reason = choose_kind(ONE, two, cpu_share, cores, pickle_s, unpicklable)
     assert chosen == kind
     assert why in reason
+
+
+def probe_with_fake_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[_kind.KindProbe, list[float], list[int]]:
+    """A probe on a fake clock that reads a function's CPU time from `fn.cpu_s` (the
+    system's own figures are not read)."""
+    monkeypatch.setattr(_kind, "sched_seconds", lambda threads: None)
+    monkeypatch.setattr(_kind, "free_cores", lambda: 2)
+    now = [0.0]
+    limits: list[int] = []
+    probe = _kind.KindProbe(
+        _kind.CpuTimed(fns.square),
+        StageReport("s", "thread", 4),
+        limits.append,
+        clock=lambda: now[0],
+        first=4,
+    )
+    probe.fn.sample = (3, 9)
+    return probe, now, limits
+
+
+def test_kind_auto_tells_a_function_that_waits_from_a_few_calls_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probe, now, limits = probe_with_fake_clock(monkeypatch)
+    probe.completed(1, 0.005)  # warms up
+    while probe.choice is None:
+        now[0] += 0.005
+        probe.completed(4, 0.02)  # 4 calls of 5 ms that use no CPU
+    assert limits == [4]  # never 1 call at a time
+    assert probe.choice[0] == "thread"
+    assert "it waits: 4 calls at once wanted 0.00 of a CPU" in probe.choice[1]
+    assert probe.first_window is not None and probe.first_window.items > 0
+
+
+def test_kind_auto_measures_a_function_that_computes_one_call_then_two_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probe, now, limits = probe_with_fake_clock(monkeypatch)
+    probe.completed(1, 0.005)
+    while limits == [4]:
+        now[0] += 0.005
+        probe.fn.cpu_s += 0.005  # one CPU's worth: the GIL held by the 4 calls
+        probe.completed(1, 0.02)
+    assert limits == [4, 1]
+    # a call begun with 4 at once, ending after the change, is not measured at 1
+    now[0] += 0.001
+    probe.completed(1, 0.02)
+    assert probe._items == 0
+    while probe.choice is None:
+        now[0] += 0.005
+        probe.fn.cpu_s += 0.005
+        probe.completed(1, 0.005)
+    assert limits == [4, 1, 2]
+    assert probe.first_window is None
+    assert "holds the GIL" in probe.choice[1] and probe.choice[0] == "process"
 
 
 @pytest.mark.anyio

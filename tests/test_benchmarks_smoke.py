@@ -75,3 +75,40 @@ def test_quick_benchmark_rotates_rounds_and_prints_every_target(tmp_path: Path) 
             # 1 MiB items, 2 workers, a fresh interpreter: the tree's peak is tens of MB
             assert figures[contender]["peak_rss_mb"] > 20, figures
             assert figures[contender]["mb_per_s"] > 0, figures
+
+
+@pytest.mark.timeout(120)
+def test_the_auto_benchmark_runs_the_grid_and_auto_in_rotated_rounds(tmp_path: Path) -> None:
+    out_json = tmp_path / "auto.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/auto.py",
+            "--quick",
+            "--rounds",
+            "2",
+            "--only",
+            "io",
+            "--json",
+            str(out_json),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr
+    io = json.loads(out_json.read_text())["io"]
+    first, second = (list(walls) for walls in io["rounds"])
+    assert sorted(first) == sorted(second) and second == first[1:] + first[:1]
+    assert {"default", "thread auto", "auto", "thread x1", "thread x64"} <= set(first)
+    for walls, cut in zip(io["rounds"], io["cut"], strict=True):
+        # auto always runs to the end; a point is cut only for running far longer than one
+        # that ran to the end, so the round's best is never cut
+        assert "auto" not in cut and "thread auto" not in cut
+        best = min(walls, key=walls.__getitem__)
+        assert best not in cut
+        assert all(walls[label] > walls[best] for label in cut)
+    assert len(io["chosen"]) == 4  # auto and thread auto, in each round
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("io: best grid point"))
+    assert "auto / best" in line and "auto / default" in line, line

@@ -7,12 +7,17 @@ The shape is an adaptive concurrency limiter (TCP's slow start, then additive pr
   step that does not is undone (fewer workers for about the same throughput win);
 - **hold**: the limit stays, and every `PROBE_EVERY` windows one step (a quarter of the
   limit) is tried up, then down: up is kept if it brings `GAIN / 2` more, down if it
-  loses less than `SAME`;
+  loses less than `SAME`. Each probe that is not kept doubles the windows until the next
+  (up to `MAX_PROBE_EVERY`): a probe down costs a window at fewer workers;
 - **the work changed**: throughput at the same limit moving by more than `CHANGED` in two
   windows running (a service that slowed down) starts a new climb from where it is.
 
 A window in which the stage mostly waited for input or for room in its output queue says
-nothing about its own concurrency, and changes nothing. The limit never leaves
+nothing about its own concurrency, and changes nothing. A window starts after a change has
+taken effect: a call that started before it is not counted. While climbing, a window is
+short (each worker's call ended `CLIMB_WAVES` times): doubling the workers moves the
+throughput far more than what a short window blurs, and a slow climb costs a run that is
+short as much as the best limit saves it. The limit never leaves
 [low, high]. `ConcurrencyController` is the pure core (windows in, decisions out, no
 clock); `StageTuner` measures the windows for one stage of a run and applies decisions.
 """
@@ -51,13 +56,18 @@ CHANGED = 0.30
 # a doubling that brought this much more throughput is followed by a leap of LEAP times
 LINEAR = 0.8
 LEAP = 4
-# hold windows between two probes
+# hold windows between two probes, and between two once probes keep bringing nothing
 PROBE_EVERY = 6
+MAX_PROBE_EVERY = 48
 # a window whose stage waited on its queues for more than this share of it is not counted
 STARVED = 0.5
 # a window lasts at least this long, and holds at least MIN_CALLS completed calls
 WINDOW_S = 0.05
 MIN_CALLS = 4
+# while climbing, a window ends once it holds this many calls per worker, and lasts at
+# least CLIMB_MIN_S
+CLIMB_WAVES = 2
+CLIMB_MIN_S = 0.01
 # the report keeps at most this many concurrency changes and decisions
 MAX_HISTORY = 200
 # default bounds of `workers: auto`, per kind (processes: the free cores, see auto_bounds)
@@ -158,6 +168,7 @@ class ConcurrencyController:
         self._base = 0.0
         self._base_latency = 0.0
         self._held = 0
+        self._probe_every = PROBE_EVERY
         self._shifted = 0
         self._probe_up = True
         self._probe_from = self.limit
@@ -228,6 +239,7 @@ class ConcurrencyController:
                     f"{latency * 1e3:.2f} ms/item): the work changed, measuring again"
                 )
                 self.phase = "climb"
+                self._probe_every = PROBE_EVERY
                 self._prev = None
                 if self.limit < self.high:
                     self._prev = (self.limit, throughput, latency)
@@ -241,7 +253,7 @@ class ConcurrencyController:
         self._base = 0.7 * base + 0.3 * throughput if base > 0 else throughput
         self._base_latency = 0.7 * self._base_latency + 0.3 * latency
         self._held += 1
-        if self._held < PROBE_EVERY or self.low == self.high:
+        if self._held < self._probe_every or self.low == self.high:
             return None
         self._held = 0
         step = max(1, self.limit // 4)
@@ -264,8 +276,10 @@ class ConcurrencyController:
         self._settle(throughput if keep else base, latency if keep else self._base_latency)
         if keep:
             # the same way again at the next window
+            self._probe_every = PROBE_EVERY
             self._held = PROBE_EVERY - 1
             return Decision(t, probed, f"{rate}: kept {probed}")
+        self._probe_every = min(MAX_PROBE_EVERY, self._probe_every * 2)
         self._probe_up = not self._probe_up
         return self._decide(t, origin, f"{rate}: back to {origin}")
 
@@ -395,6 +409,8 @@ class StageTuner:
         self.apply = apply
         self.clock = clock
         self.started: float | None = None
+        # when the concurrency last changed: calls that started before do not count
+        self._changed_at = -math.inf
         self._begin_window(clock())
         report.workers = self.controller.limit
         report.workers_auto = {"min": low, "max": high}
@@ -404,6 +420,18 @@ class StageTuner:
         self._items = self._calls = 0
         self._busy = 0.0
         self._starved_at = self.report.idle_s + self.report.blocked_s
+
+    def seed(self, window: Window) -> None:
+        """Take a window measured at the start limit before the tuner ran (by `kind:
+        auto`'s probe): the climb goes on from it."""
+        now = self.clock()
+        if self.started is None:
+            self.started = now
+            self._record(now, self.controller.limit, "start")
+        decision = self.controller.observe(window, now - self.started)
+        self._begin_window(now)
+        if decision is not None:
+            self._record(now, decision.workers, decision.reason)
 
     def completed(self, items: int, busy_s: float, calls: int = 1) -> None:
         """Count a completed call (or item) of `items` items that took `busy_s`."""
@@ -415,11 +443,19 @@ class StageTuner:
             self._begin_window(now)
             self._record(now, self.controller.limit, "start")
             return
+        if now - busy_s / max(1, calls) < self._changed_at:
+            # a call that started before the last change says nothing about the new limit
+            self._begin_window(now)
+            return
         self._items += items
         self._calls += calls
         self._busy += busy_s
         elapsed = now - self._window_start
-        if elapsed < WINDOW_S or self._calls < max(MIN_CALLS, self.controller.limit):
+        limit = self.controller.limit
+        if self.controller.phase == "climb":
+            if elapsed < CLIMB_MIN_S or self._calls < max(MIN_CALLS, CLIMB_WAVES * limit):
+                return
+        elif elapsed < WINDOW_S or self._calls < max(MIN_CALLS, limit):
             return
         starved = self.report.idle_s + self.report.blocked_s - self._starved_at
         window = Window(elapsed, self._items, self._busy / max(1, self._items), starved)
@@ -437,6 +473,7 @@ class StageTuner:
                 report.concurrency.append((round(t, 3), workers))
             if report.workers != workers:
                 report.workers = workers
+                self._changed_at = now
                 self.apply(workers)
         if len(report.decisions) < MAX_HISTORY:
             report.decisions.append(Decision(t, workers, reason).as_dict())

@@ -1,10 +1,12 @@
 """`kind: auto` for a plain function: measured on threads, then threads or processes.
 
-The stage starts on threads, 1 call at a time, then 2 (`KindProbe`), and `choose_kind`
-decides from what it measured: whether the function wants a CPU at all (or waits), whether
-a second thread got it more work done and more CPU time (a thread waiting for the GIL gets
-none), and what pickling an item and its result costs against the work on it. The engine
-moves the stage at most once, at a chunk boundary once its calls in flight have ended.
+The stage starts on threads, a few calls at once: if those together hardly want a CPU, the
+function waits (I/O) and stays on threads, decided in a few calls. Otherwise it runs 1 call
+at a time, then 2 (`KindProbe`), and `choose_kind` decides from what it measured: whether
+the function wants a CPU at all (or waits), whether a second thread got it more work done
+and more CPU time (a thread waiting for the GIL gets none), and what pickling an item and
+its result costs against the work on it. The engine moves the stage at most once, at a
+chunk boundary once its calls in flight have ended.
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ PARALLEL = 1.3
 # share of the work on the item
 PICKLE_SHARE = 0.2
 # each of the two probe windows lasts at least this long and holds MIN_PROBE_CALLS calls
-PROBE_WINDOW_S = 0.1
+PROBE_WINDOW_S = 0.05
 MIN_PROBE_CALLS = 3
+# the first window, with a few calls at once, lasts at least this long and holds
+# FIRST_WAVES calls per call at once
+FIRST_WINDOW_S = 0.02
+FIRST_WAVES = 2
 
 
 class CpuTimed:
@@ -174,6 +180,8 @@ class KindProbe:
         set_limit: Sets the calls at once while the probe runs.
         threads: The threads of the stage's pool.
         clock: Seconds, monotonic.
+        first: The calls at once of a first window that tells a function that waits
+            (1: none, the probe starts with 1 call at a time).
     """
 
     def __init__(
@@ -183,6 +191,7 @@ class KindProbe:
         set_limit: Callable[[int], None],
         threads: Callable[[], list[threading.Thread]] = list,
         clock: Callable[[], float] = time.perf_counter,
+        first: int = 1,
     ) -> None:
         self.fn = fn
         self.threads = threads
@@ -197,7 +206,13 @@ class KindProbe:
         self.windows: list[Window] = []
         self.cpu_share = 0.0
         self._started: float | None = None
-        set_limit(1)
+        # calls that started before the limit last changed are not measured
+        self._changed_at = -float("inf")
+        self.first = first if first > 1 else None
+        self.first_limit = first
+        # the first window, when it decided: `workers: auto` goes on from it
+        self.first_window: Window | None = None
+        set_limit(first if first > 1 else 1)
 
     def _begin(self, now: float) -> None:
         self._started = now
@@ -212,20 +227,28 @@ class KindProbe:
         if self.choice is not None:
             return
         now = self.clock()
-        if self._started is None:
-            self._begin(now)  # the first call warms up: not measured
+        if self._started is None or now - busy_s < self._changed_at:
+            # the first call warms up, and a call started at the last limit tells
+            # nothing of this one: not measured
+            self._begin(now)
             return
         self._items += items
         self._calls += 1
         self._busy += busy_s
         elapsed = now - self._started
-        if elapsed < PROBE_WINDOW_S or self._calls < MIN_PROBE_CALLS:
+        if self.first is not None:
+            if elapsed < FIRST_WINDOW_S or self._calls < FIRST_WAVES * self.first:
+                return
+        elif elapsed < PROBE_WINDOW_S or self._calls < MIN_PROBE_CALLS:
             return
         starved = self.report.idle_s + self.report.blocked_s - self._starved_at
         if starved > STARVED * elapsed:
             self._begin(now)  # waiting on its queues: the window says nothing
             return
         window = Window(elapsed, self._items, self._busy / max(1, self._items), starved)
+        if self.first is not None:
+            self._first_window(now, window)
+            return
         busy = max(self._busy, 1e-9)
         sched, before = sched_seconds(self.threads()), self._sched_at
         if sched is not None and before is not None:
@@ -243,7 +266,7 @@ class KindProbe:
         self.windows.append(window)
         self._begin(now)
         if len(self.windows) == 1:
-            self.set_limit(2)
+            self._limit(now, 2)
             return
         pickle_s: float | None = None
         unpicklable: str | None = "no result to measure pickling on"
@@ -260,3 +283,27 @@ class KindProbe:
             unpicklable,
             cpu_scaling,
         )
+
+    def _limit(self, now: float, calls: int) -> None:
+        self._changed_at = now
+        self.set_limit(calls)
+
+    def _first_window(self, now: float, window: Window) -> None:
+        """A few calls at once that together wanted less than `CPU_BOUND` of one CPU: the
+        function waits, and stays on threads. Else measure 1 call at a time, then 2."""
+        first, self.first = self.first, None
+        sched, before = sched_seconds(self.threads()), self._sched_at
+        if sched is not None and before is not None:
+            wanted = sum(
+                run_s + wait_s - sum(before.get(ident, (0.0, 0.0)))
+                for ident, (run_s, wait_s) in sched.items()
+            )
+        else:
+            wanted = self.fn.cpu_s - self._cpu_at
+        cpus = wanted / window.elapsed_s
+        if cpus < CPU_BOUND:
+            self.choice = "thread", (f"it waits: {first} calls at once wanted {cpus:.2f} of a CPU")
+            self.first_window = window
+            return
+        self._begin(now)
+        self._limit(now, 1)

@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import _group, _identity, _kind, _rate, _shipping, _worker
-from ._auto import AdjustableLimiter, LatencyHistogram, tuner_for
+from ._auto import START, AdjustableLimiter, LatencyHistogram, tuner_for
 from ._batches import FLUSH_INTERVAL_S, WORTH_A_CALL_BYTES, Batch, _ChunkSizer, _send
 from ._compat import pool_threads
 from ._errors import ConfigError
@@ -520,7 +520,11 @@ class StageRun(_Settlement):
                 self.limiter = AdjustableLimiter(self.in_flight)  # type: ignore[assignment]
             assert isinstance(self.limiter, AdjustableLimiter)
             self.kind_probe = KindProbe(
-                timed, self.report, self.limiter.set_limit, lambda: pool_threads(pool.executor)
+                timed,
+                self.report,
+                self.limiter.set_limit,
+                lambda: pool_threads(pool.executor),
+                first=min(START, pool.workers),
             )
 
     def _chose_kind(self, kind: str, reason: str) -> None:
@@ -575,6 +579,10 @@ class StageRun(_Settlement):
             assert self.tuner is not None
             self.workers = self.in_flight
             self._set_workers(self.tuner.controller.limit)
+            window = probe.first_window
+            if window is not None and probe.first_limit == self.tuner.controller.limit:
+                # measured at the tuner's start: its first window
+                self.tuner.seed(window)
         else:
             limiter.set_limit(self.in_flight)
 
