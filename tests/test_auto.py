@@ -519,6 +519,64 @@ async def test_a_switch_to_processes_loses_and_repeats_no_item(
     assert threads + processes == 600  # an item run twice would be counted twice
 
 
+@pytest.mark.anyio
+async def test_threads_go_on_while_the_process_pool_starts_and_an_input_that_ends_first_stays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import threading
+
+    from pipeflow._pools import PoolHandle
+
+    chosen, written_all = threading.Event(), threading.Event()
+
+    def choose(*args: Any) -> tuple[str, str]:
+        chosen.set()
+        return "process", "chosen by the test"
+
+    monkeypatch.setattr(_kind, "choose_kind", choose)
+    pids: list[int] = []
+    start = PoolHandle.start
+
+    def slow_start(self: PoolHandle) -> None:
+        start(self)
+        if self.kind == "process" and self.executor is not None:
+            pids.extend(self.pids())
+            # the pool is ready only once every item was written, by the threads
+            written_all.wait(timeout=30)
+
+    monkeypatch.setattr(PoolHandle, "start", slow_start)
+
+    def source() -> Any:
+        yield from range(300)
+        chosen.wait(timeout=30)  # the probe has chosen: the rest comes after
+        yield from range(300, 400)
+
+    written: list[int] = []
+
+    def write(item: int) -> None:
+        written.append(item)
+        if len(written) == 400:
+            written_all.set()
+
+    stage = pipeflow.Stage(fns.holds_the_gil, kind="auto", workers="auto")
+    pipeline = pipeflow.Pipeline([stage], sink=pipeflow.CallableSink(write))
+    with anyio.fail_after(50):
+        report = await pipeline.run(source())
+    assert sorted(written) == list(range(400))
+    stage_report = report.stages[0]
+    assert stage_report.kind == "thread" and stage_report.items_out == 400
+    assert stage_report.kind_choice is not None
+    assert stage_report.kind_choice["kind"] == "thread"
+    assert "but its input ended before the move" in stage_report.kind_choice["reason"]
+    assert all(not worker.startswith("pid") for worker in stage_report.by_worker)
+    # the pool that started meanwhile was shut down with the run
+    assert pids
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def test_kind_auto_through_the_command_records_its_choice_and_loses_nothing(
     tmp_path: Path,
 ) -> None:

@@ -485,6 +485,7 @@ def tuner_for(
     workers: int,
     report: StageReport,
     apply: Callable[[int], None],
+    start: int | None = None,
 ) -> StageTuner | None:
     """The tuner of a stage with `workers: auto` (None for a fixed number).
 
@@ -494,12 +495,14 @@ def tuner_for(
         workers: The most workers its pool has.
         report: The stage's report.
         apply: Called with each new concurrency.
+        start: The first concurrency, if known better than the kind's default.
     """
     if auto_workers is None:
         return None
     low, high = auto_bounds(kind, *auto_workers)
     high = min(high, workers)
     low = min(low, high)
-    # a process costs a core: start with the fewest, and add one only for what it brings
-    start = low if kind == "process" else max(low, min(high, START))
-    return StageTuner(low, high, start, report, apply)
+    if start is None:
+        # a process costs a core: start with the fewest, and add one only for what it brings
+        start = low if kind == "process" else START
+    return StageTuner(low, high, max(low, min(high, start)), report, apply)

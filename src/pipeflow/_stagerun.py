@@ -150,6 +150,8 @@ class StageRun(_Settlement):
         self.light_call = _shipping.light_call(self.call, pool) if self.call else None
         # `kind: auto`: a plain function is measured on threads first (see _auto.KindProbe)
         self.kind_probe: KindProbe | None = None
+        # the start of the process pool `kind: auto` moves the stage to (see _kind_ready)
+        self._switch_start: asyncio.Future[None] | None = None
         if stage.auto_kind:
             self._probe_kind()
 
@@ -222,9 +224,17 @@ class StageRun(_Settlement):
                             self.teardown_failures.append(
                                 (self.name, "event loop", _worker.Collector.failure_of(exc))
                             )
-        if self.kind_probe is not None:  # the input ended before the probe could choose
-            self.kind_probe = None
-            self._chose_kind("thread", "its input ended before it was measured: on threads")
+        if self.kind_probe is not None:  # the input ended before the choice was applied
+            probe, self.kind_probe = self.kind_probe, None
+            if self._switch_start is not None:  # the process pool is shut down with the run's
+                await self._switch_start
+            if probe.choice is None:
+                self._chose_kind("thread", "its input ended before it was measured: on threads")
+            else:
+                kind, reason = probe.choice
+                if kind != "thread":
+                    reason = f"{reason}; but its input ended before the move: on threads"
+                self._chose_kind("thread", reason)
         logger.debug(
             "stage_end",
             stage=self.name,
@@ -378,7 +388,7 @@ class StageRun(_Settlement):
         start = size = 0
         while True:
             await self.limiter.acquire()
-            if self.kind_probe is not None and self.kind_probe.choice is not None:
+            if self.kind_probe is not None and self._kind_ready():
                 await self._settle_kind()
             if start >= len(values):
                 try:
@@ -527,6 +537,23 @@ class StageRun(_Settlement):
                 first=min(START, pool.workers),
             )
 
+    def _kind_ready(self) -> bool:
+        """Whether `kind: auto` has chosen and its choice can be applied now. A move to
+        processes first starts their pool in a thread, while the stage's threads go on."""
+        probe, pool = self.kind_probe, self.pool
+        assert probe is not None and pool is not None
+        if probe.choice is None:
+            return False
+        processes = pool.switch_to
+        if probe.choice[0] != "process" or processes is None:
+            return True
+        if self._switch_start is None:
+            processes.lazy = False
+            if self.tuner is not None:
+                processes.prespawn = None  # the tuner starts at every free core (see below)
+            self._switch_start = asyncio.get_running_loop().run_in_executor(None, processes.start)
+        return self._switch_start.done()
+
     def _chose_kind(self, kind: str, reason: str) -> None:
         self.report.kind_choice = {"kind": kind, "reason": reason}
         logger.info("kind_chosen", stage=self.name, kind=kind, reason=reason)
@@ -548,8 +575,8 @@ class StageRun(_Settlement):
             except ConfigError as exc:
                 self.pool, kind, reason = threads, "thread", f"{reason}; but {exc}"
             else:
-                processes.lazy = False
-                await anyio.to_thread.run_sync(processes.start)
+                assert self._switch_start is not None
+                await self._switch_start  # done: raises if the pool could not start
                 await anyio.to_thread.run_sync(_worker.thread_teardowns, self.call.key)
                 self.call, self.kind = call, "process"
                 self.light_call = _shipping.light_call(call, processes)
@@ -560,12 +587,15 @@ class StageRun(_Settlement):
                 self.report.kind, self.report.workers = "process", self.workers
                 self.report.pool_start_s += processes.start_s
                 if self.tuner is not None:
+                    # the probe measured work that holds a CPU for each item: start with
+                    # every process, and let the tuner take off what brings nothing
                     self.tuner = tuner_for(
                         self.stage.auto_workers,
                         "process",
                         self.workers,
                         self.report,
                         self._set_workers,
+                        start=self.workers,
                     )
         if self.kind == "thread":
             # the rest of the run calls the function itself, not its timed wrapper; the
