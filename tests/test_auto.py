@@ -310,6 +310,24 @@ def test_the_tuner_goes_on_from_a_window_measured_before_it() -> None:
     assert "800 items/s at 4: trying 8" in report.decisions[1]["reason"]
 
 
+def test_a_hint_takes_the_next_step_of_the_climb_straight_to_it_if_it_is_higher() -> None:
+    applied: list[int] = []
+    report = StageReport("s", "thread", 64)
+    tuner = StageTuner(1, 64, 4, report, applied.append, clock=lambda: 1.0)
+    tuner.seed(Window(0.05, 40, 0.005), (34, "room for 34"))
+    assert applied == [34]
+    assert report.decisions[1]["reason"].endswith("trying 34 (room for 34)")
+    # a hint lower than the step is not taken; one is used once
+    controller = ConcurrencyController(1, 64, start=4)
+    controller.hint(6, "room for 6")
+    decisions = drive(controller, saturating(64), windows=2)
+    assert [d.workers for d in decisions] == [8, 32]
+    controller = ConcurrencyController(1, 64, start=4)
+    controller.hint(500, "room for 500")
+    decisions = drive(controller, saturating(4), windows=2)
+    assert [d.workers for d in decisions] == [64, 4]  # clamped, then 64 did not pay
+
+
 def test_probes_that_bring_nothing_come_less_and_less_often() -> None:
     controller = ConcurrencyController(1, 64, start=8)
     drive(controller, saturating(8), windows=3)
@@ -472,6 +490,8 @@ def test_kind_auto_tells_a_function_that_waits_from_a_few_calls_at_once(
     assert probe.choice[0] == "thread"
     assert "it waits: 4 calls at once wanted 0.00 of a CPU" in probe.choice[1]
     assert probe.first_window is not None and probe.first_window.items > 0
+    # no CPU wanted: room for as many calls as the floor of 1 % of a CPU per 4 allows
+    assert probe.room == (320, "320 calls at once would want 80% of one CPU")
 
 
 def test_kind_auto_measures_a_function_that_computes_one_call_then_two_at_a_time(

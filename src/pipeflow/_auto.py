@@ -172,6 +172,13 @@ class ConcurrencyController:
         self._shifted = 0
         self._probe_up = True
         self._probe_from = self.limit
+        # a limit the next step of the climb may go straight to (see hint)
+        self._hint: tuple[int, str] | None = None
+
+    def hint(self, limit: int, why: str) -> None:
+        """Let the next step of the climb go straight to `limit` (if it is higher than
+        the step's own), for the reason `why`: measured, but not by this controller."""
+        self._hint = limit, why
 
     def _clamp(self, value: int) -> int:
         return max(self.low, min(self.high, value))
@@ -225,6 +232,10 @@ class ConcurrencyController:
         # nearly twice the throughput for twice the workers: far from the top, go faster
         step = LEAP if prev is not None and throughput >= prev[1] * (1 + LINEAR) else 2
         target = self._clamp(limit * step)
+        hint, self._hint = self._hint, None
+        if hint is not None and self._clamp(hint[0]) > target:
+            target = self._clamp(hint[0])
+            return self._decide(t, target, f"{rate}{grown}: trying {target} ({hint[1]})")
         return self._decide(t, target, f"{rate}{grown}: trying {target}")
 
     def _hold(self, throughput: float, latency: float, t: float) -> Decision | None:
@@ -421,13 +432,16 @@ class StageTuner:
         self._busy = 0.0
         self._starved_at = self.report.idle_s + self.report.blocked_s
 
-    def seed(self, window: Window) -> None:
+    def seed(self, window: Window, hint: tuple[int, str] | None = None) -> None:
         """Take a window measured at the start limit before the tuner ran (by `kind:
-        auto`'s probe): the climb goes on from it."""
+        auto`'s probe): the climb goes on from it, straight to `hint` if one is given
+        (a limit and why)."""
         now = self.clock()
         if self.started is None:
             self.started = now
             self._record(now, self.controller.limit, "start")
+        if hint is not None:
+            self.controller.hint(*hint)
         decision = self.controller.observe(window, now - self.started)
         self._begin_window(now)
         if decision is not None:

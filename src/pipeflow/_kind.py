@@ -210,8 +210,10 @@ class KindProbe:
         self._changed_at = -float("inf")
         self.first = first if first > 1 else None
         self.first_limit = first
-        # the first window, when it decided: `workers: auto` goes on from it
+        # the first window, when it decided: `workers: auto` goes on from it, straight
+        # to as many calls at once as would want CPU_BOUND of one CPU (a limit and why)
         self.first_window: Window | None = None
+        self.room: tuple[int, str] | None = None
         set_limit(first if first > 1 else 1)
 
     def _begin(self, now: float) -> None:
@@ -292,6 +294,7 @@ class KindProbe:
         """A few calls at once that together wanted less than `CPU_BOUND` of one CPU: the
         function waits, and stays on threads. Else measure 1 call at a time, then 2."""
         first, self.first = self.first, None
+        assert first is not None
         sched, before = sched_seconds(self.threads()), self._sched_at
         if sched is not None and before is not None:
             wanted = sum(
@@ -304,6 +307,8 @@ class KindProbe:
         if cpus < CPU_BOUND:
             self.choice = "thread", (f"it waits: {first} calls at once wanted {cpus:.2f} of a CPU")
             self.first_window = window
+            room = int(first * CPU_BOUND / max(cpus, 0.01))
+            self.room = room, f"{room} calls at once would want {CPU_BOUND:.0%} of one CPU"
             return
         self._begin(now)
         self._limit(now, 1)

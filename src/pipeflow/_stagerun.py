@@ -612,7 +612,7 @@ class StageRun(_Settlement):
             window = probe.first_window
             if window is not None and probe.first_limit == self.tuner.controller.limit:
                 # measured at the tuner's start: its first window
-                self.tuner.seed(window)
+                self.tuner.seed(window, probe.room)
         else:
             limiter.set_limit(self.in_flight)
 
