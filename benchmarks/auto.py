@@ -5,6 +5,11 @@ Run from the repository root:
     python benchmarks/auto.py                     # every workload, 2 rounds
     python benchmarks/auto.py --quick             # small sizes: a smoke test of the harness
     python benchmarks/auto.py --only io,cpu --rounds 3 --json auto.json
+    python benchmarks/auto.py --size io=4000,cpu=400   # other item counts
+
+The default sizes give the best grid point of each workload 1-2 s on 2 cores: auto's
+exploration is a fixed cost of a few windows, which a run of a fraction of a second
+cannot hide (`--size` shows it).
 
 Each workload runs every point of its grid (kind thread and process x workers 1, 2, 4, 8,
 16, 32, 64; processes stop at the most a pool may have), the current default (`kind` left
@@ -77,11 +82,11 @@ def _shifting(n: int) -> Callable[..., Any]:
 
 def workloads() -> list[Workload]:
     return [
-        Workload("io", (wl.io_sleep,), range, 4000, 200),
-        Workload("io_shift", (), range, 2000, 200),
-        Workload("hash", (wl.sha256_hex,), lambda n: wl.blobs(n, 64 << 10), 4000, 400),
-        Workload("mix", (wl.io_sleep, wl.cpu_heavy, wl.io_sleep), range, 400, 60),
-        Workload("cpu", (wl.cpu_heavy,), range, 400, 60),
+        Workload("io", (wl.io_sleep,), range, 20_000, 200),
+        Workload("io_shift", (), range, 12_000, 200),
+        Workload("hash", (wl.sha256_hex,), lambda n: wl.blobs(n, 64 << 10), 32_000, 400),
+        Workload("mix", (wl.io_sleep, wl.cpu_heavy, wl.io_sleep), range, 800, 60),
+        Workload("cpu", (wl.cpu_heavy,), range, 1200, 60),
     ]
 
 
@@ -138,13 +143,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", default="")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--size", default="", help="items per workload: io=4000,cpu=400")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
+    sizes = {name: int(n) for name, n in (part.split("=") for part in args.size.split(",") if part)}
     results: dict[str, Any] = {}
     for workload in workloads():
         if only and workload.name not in only:
             continue
-        n = workload.quick_n if args.quick else workload.n
+        n = sizes.get(workload.name, workload.quick_n if args.quick else workload.n)
         grid = points()
         rounds: list[dict[str, float]] = []
         cuts: list[list[str]] = []
