@@ -328,6 +328,18 @@ def test_a_hint_takes_the_next_step_of_the_climb_straight_to_it_if_it_is_higher(
     assert [d.workers for d in decisions] == [64, 4]  # clamped, then 64 did not pay
 
 
+@pytest.mark.parametrize(("workers", "every"), [(2, 2 * PROBE_EVERY), (8, PROBE_EVERY)])
+def test_a_probe_down_from_few_workers_costs_more_and_comes_less_often(
+    workers: int, every: int
+) -> None:
+    # from 2 workers a probe down runs a window at half the throughput; from 8, at 3/4
+    controller = ConcurrencyController(1, workers, start=workers)
+    decisions = drive(controller, saturating(workers), windows=1 + 3 * PROBE_EVERY)
+    assert "held at the upper bound" in decisions[0].reason
+    first_probe = next(d for d in decisions if "probing down" in d.reason)
+    assert first_probe.t == every
+
+
 def test_probes_that_bring_nothing_come_less_and_less_often() -> None:
     controller = ConcurrencyController(1, 64, start=8)
     drive(controller, saturating(8), windows=3)
@@ -492,6 +504,25 @@ def test_kind_auto_tells_a_function_that_waits_from_a_few_calls_at_once(
     assert probe.first_window is not None and probe.first_window.items > 0
     # no CPU wanted: room for as many calls as the floor of 1 % of a CPU per 4 allows
     assert probe.room == (320, "320 calls at once would want 80% of one CPU")
+
+
+def test_kind_auto_tells_a_function_that_computes_while_the_stage_waits_on_its_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # threads that hold the GIL starve the event loop, and with it the stage's output:
+    # 60 % of the time no call runs; when they run, the 4 calls share the one CPU the
+    # GIL gives them, so each call of 2.5 ms of work takes 10 ms
+    probe, now, limits = probe_with_fake_clock(monkeypatch)
+    probe.completed(1, 0.01)
+    for _ in range(100):
+        if limits != [4]:
+            break
+        now[0] += 0.005
+        probe.report.blocked_s += 0.003
+        probe.fn.cpu_s += 0.002
+        probe.completed(1, 0.008)
+    assert limits == [4, 1]
+    assert probe.choice is None
 
 
 def test_kind_auto_measures_a_function_that_computes_one_call_then_two_at_a_time(

@@ -8,7 +8,8 @@ The shape is an adaptive concurrency limiter (TCP's slow start, then additive pr
 - **hold**: the limit stays, and every `PROBE_EVERY` windows one step (a quarter of the
   limit) is tried up, then down: up is kept if it brings `GAIN / 2` more, down if it
   loses less than `SAME`. Each probe that is not kept doubles the windows until the next
-  (up to `MAX_PROBE_EVERY`): a probe down costs a window at fewer workers;
+  (up to `MAX_PROBE_EVERY`): a probe down costs a window at fewer workers (and below 4
+  workers a step is more than a quarter of them: probes come as much less often);
 - **the work changed**: throughput at the same limit moving by more than `CHANGED` in two
   windows running (a service that slowed down) starts a new climb from where it is.
 
@@ -169,6 +170,7 @@ class ConcurrencyController:
         self._base_latency = 0.0
         self._held = 0
         self._probe_every = PROBE_EVERY
+        self._again = False
         self._shifted = 0
         self._probe_up = True
         self._probe_from = self.limit
@@ -264,10 +266,13 @@ class ConcurrencyController:
         self._base = 0.7 * base + 0.3 * throughput if base > 0 else throughput
         self._base_latency = 0.7 * self._base_latency + 0.3 * latency
         self._held += 1
-        if self._held < self._probe_every or self.low == self.high:
-            return None
-        self._held = 0
         step = max(1, self.limit // 4)
+        # a probe down costs step / limit of a window's items: below 4 workers, where a
+        # step is more than a quarter of them, probes come as much less often
+        every = self._probe_every * max(1.0, 4 * step / self.limit)
+        if (self._held < every and not self._again) or self.low == self.high:
+            return None
+        self._held, self._again = 0, False
         up = self._probe_up if self.low < self.limit < self.high else self.limit < self.high
         target = self.limit + step if up else self.limit - step
         self._probe_up, self._probe_from = up, self.limit
@@ -288,7 +293,7 @@ class ConcurrencyController:
         if keep:
             # the same way again at the next window
             self._probe_every = PROBE_EVERY
-            self._held = PROBE_EVERY - 1
+            self._again = True
             return Decision(t, probed, f"{rate}: kept {probed}")
         self._probe_every = min(MAX_PROBE_EVERY, self._probe_every * 2)
         self._probe_up = not self._probe_up

@@ -244,12 +244,12 @@ class KindProbe:
         elif elapsed < PROBE_WINDOW_S or self._calls < MIN_PROBE_CALLS:
             return
         starved = self.report.idle_s + self.report.blocked_s - self._starved_at
-        if starved > STARVED * elapsed:
-            self._begin(now)  # waiting on its queues: the window says nothing
-            return
         window = Window(elapsed, self._items, self._busy / max(1, self._items), starved)
         if self.first is not None:
             self._first_window(now, window)
+            return
+        if starved > STARVED * elapsed:
+            self._begin(now)  # waiting on its queues: the window says nothing
             return
         busy = max(self._busy, 1e-9)
         sched, before = sched_seconds(self.threads()), self._sched_at
@@ -292,7 +292,12 @@ class KindProbe:
 
     def _first_window(self, now: float, window: Window) -> None:
         """A few calls at once that together wanted less than `CPU_BOUND` of one CPU: the
-        function waits, and stays on threads. Else measure 1 call at a time, then 2."""
+        function waits, and stays on threads. Else measure 1 call at a time, then 2.
+
+        What they wanted is counted over the time the calls ran, not the window's: a
+        stage that waited on its queues (as one whose threads hold the GIL may, the event
+        loop waiting for it) ran fewer calls at once, not calls that want less.
+        """
         first, self.first = self.first, None
         assert first is not None
         sched, before = sched_seconds(self.threads()), self._sched_at
@@ -303,7 +308,7 @@ class KindProbe:
             )
         else:
             wanted = self.fn.cpu_s - self._cpu_at
-        cpus = wanted / window.elapsed_s
+        cpus = wanted * first / max(self._busy, 1e-9)
         if cpus < CPU_BOUND:
             self.choice = "thread", (f"it waits: {first} calls at once wanted {cpus:.2f} of a CPU")
             self.first_window = window
