@@ -73,3 +73,53 @@ def test_process_workers_import_no_engine_module_before_their_first_item() -> No
 def test_the_command_line_loads_the_bench_only_for_pipeflow_bench() -> None:
     code = "import sys, pipeflow._cli.commands\nprint('pipeflow._bench' in sys.modules)\n"
     assert fresh(code).strip() == "False"
+
+
+def test_loading_a_config_through_the_python_api_imports_no_command_line_or_bench() -> None:
+    code = (
+        "import json, sys, pipeflow\n"
+        "pipeline = pipeflow.load('configs/squares.yaml')\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    loaded = json.loads(fresh(code))
+    assert "pydantic" in loaded
+    unwanted = ("pipeflow._cli", "pipeflow._bench", "typer", "rich", "structlog", "distributed")
+    assert [m for m in loaded if m.startswith(unwanted)] == []
+
+
+# the command as its console script runs it, reporting the modules it loaded on stderr
+COMMAND = """
+import json, sys
+sys.argv = ["pipeflow", *{args!r}]
+from pipeflow.__main__ import main
+try:
+    main()
+finally:
+    print("MODULES " + json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+def command_modules(*args: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", COMMAND.format(args=list(args))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(n * n) for n in range(1, 11)]
+    line = next(line for line in done.stderr.splitlines() if line.startswith("MODULES "))
+    modules: list[str] = json.loads(line.removeprefix("MODULES "))
+    return modules
+
+
+def test_pipeflow_run_imports_no_bench_dask_or_graph() -> None:
+    loaded = command_modules("run", "benchmarks/squares2.yaml")
+    unwanted = ("pipeflow._bench", "pipeflow._cli.graph", "distributed", "dask", "matplotlib")
+    assert [m for m in loaded if m.startswith(unwanted)] == []
+
+
+def test_a_quiet_run_that_logs_nothing_does_not_import_structlog() -> None:
+    loaded = command_modules("run", "benchmarks/squares2.yaml", "--quiet")
+    assert [m for m in loaded if m.startswith("structlog")] == []

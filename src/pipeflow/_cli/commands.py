@@ -34,7 +34,6 @@ from .._log import configure_logging, logger
 from .._pipeline import Pipeline
 from .._report import RunReport
 from .console import LiveProgress, log_failure, log_summary, print_failure, print_summary
-from .graph import draw
 
 if TYPE_CHECKING:
     from .._bench.figures import PointResult
@@ -343,6 +342,8 @@ def graph(
     app_dir: AppDirOption = None,
 ) -> None:
     """Draw the pipeline: each stage's kind, workers, op and input queue bound."""
+    from .graph import draw  # as the bench: `pipeflow run` does not import what only draws
+
     pipeline = _load(config, sets, app_dir)
     sys.stdout.write(draw(pipeline, fmt.value))
 
