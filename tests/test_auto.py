@@ -571,8 +571,9 @@ async def test_a_switch_to_processes_loses_and_repeats_no_item(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("start_fails", [False, True])
 async def test_threads_go_on_while_the_process_pool_starts_and_an_input_that_ends_first_stays(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, start_fails: bool
 ) -> None:
     import os
     import threading
@@ -595,6 +596,8 @@ async def test_threads_go_on_while_the_process_pool_starts_and_an_input_that_end
             pids.extend(self.pids())
             # the pool is ready only once every item was written, by the threads
             written_all.wait(timeout=30)
+            if start_fails:
+                raise OSError("no more processes")
 
     monkeypatch.setattr(PoolHandle, "start", slow_start)
 
@@ -620,6 +623,10 @@ async def test_threads_go_on_while_the_process_pool_starts_and_an_input_that_end
     assert stage_report.kind_choice is not None
     assert stage_report.kind_choice["kind"] == "thread"
     assert "but its input ended before the move" in stage_report.kind_choice["reason"]
+    # a pool the stage never used does not fail the run, but the reason says so
+    failed = "(its process pool did not start: no more processes)"
+    assert (failed in stage_report.kind_choice["reason"]) == start_fails
+    assert report.status == "ok"
     assert all(not worker.startswith("pid") for worker in stage_report.by_worker)
     # the pool that started meanwhile was shut down with the run
     assert pids

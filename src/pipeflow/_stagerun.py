@@ -226,14 +226,17 @@ class StageRun(_Settlement):
                             )
         if self.kind_probe is not None:  # the input ended before the choice was applied
             probe, self.kind_probe = self.kind_probe, None
-            if self._switch_start is not None:  # the process pool is shut down with the run's
-                await self._switch_start
             if probe.choice is None:
                 self._chose_kind("thread", "its input ended before it was measured: on threads")
             else:
                 kind, reason = probe.choice
                 if kind != "thread":
                     reason = f"{reason}; but its input ended before the move: on threads"
+                if self._switch_start is not None:  # shut down with the run's pools
+                    try:
+                        await self._switch_start
+                    except Exception as exc:  # unused: the run's items are done
+                        reason = f"{reason} (its process pool did not start: {exc})"
                 self._chose_kind("thread", reason)
         logger.debug(
             "stage_end",
