@@ -139,6 +139,22 @@ async def test_async_stage_runs_coroutines_that_never_wait_in_few_large_chunks()
     assert report.stages[0].calls <= n // 1000
 
 
+async def test_async_stage_chunks_of_slow_coroutines_hold_one_item_per_lane() -> None:
+    # items longer than a chunk's target time would be sized one per chunk; a chunk of
+    # fewer items than lanes could not keep them busy, so it holds one item per lane
+    async def slow(n: int) -> int:
+        await anyio.sleep(0.03)
+        return n
+
+    workers, n = 8, 64
+    sink = ListSink()
+    pipeline = Pipeline([Stage(slow, kind="async", workers=workers)], sink=sink)
+    with anyio.fail_after(30):
+        report = await pipeline.run(range(n))
+    assert sink.items == list(range(n))
+    assert report.stages[0].calls <= n // workers + 2  # the source's first item goes alone
+
+
 async def test_async_stage_coroutines_that_wait_or_fail_among_instant_ones_run_once() -> None:
     # a chunk runs the coroutines that end at their first step one after the other; one
     # that waits or fails there goes on from where it is, never started a second time
