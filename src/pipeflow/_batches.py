@@ -23,7 +23,7 @@ FLUSH_INTERVAL_S = 0.05
 # concurrency; it holds its results until its end, so it is sized by time as a thread
 # call is: a chunk of coroutines that end at once holds thousands (its fixed costs, a
 # task and its results' hop, are shared by them, and the next stage gets full batches),
-# one of coroutines that wait holds few.
+# one of coroutines that wait holds few (but one per lane, see StageRun._chunk_size).
 TARGET_CALL_S = {"process": 0.05, "executor": 0.05, "dask": 0.05, "thread": 0.02, "async": 0.02}
 MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 16384}
 
