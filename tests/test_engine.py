@@ -126,6 +126,63 @@ async def test_async_stage_keeps_every_worker_busy_from_one_chunk_to_the_next() 
     assert report.stages[0].calls > 1  # the items came in several chunks
 
 
+async def test_async_stage_runs_coroutines_that_never_wait_in_few_large_chunks() -> None:
+    # a chunk holds its results until its end, so it is sized by its time, as a thread
+    # call is: coroutines that end at once make chunks of thousands, not a fixed few
+    async def inc(n: int) -> int:
+        return n + 1
+
+    n = 40_000
+    sink = ListSink()
+    report = await Pipeline([Stage(inc, kind="async", workers=16)], sink=sink).run(range(n))
+    assert sink.items == [x + 1 for x in range(n)]
+    assert report.stages[0].calls <= n // 1000
+
+
+async def test_async_stage_chunks_of_slow_coroutines_hold_one_item_per_lane() -> None:
+    # items longer than a chunk's target time would be sized one per chunk; a chunk of
+    # fewer items than lanes could not keep them busy, so it holds one item per lane
+    async def slow(n: int) -> int:
+        await anyio.sleep(0.03)
+        return n
+
+    workers, n = 8, 64
+    sink = ListSink()
+    pipeline = Pipeline([Stage(slow, kind="async", workers=workers)], sink=sink)
+    with anyio.fail_after(30):
+        report = await pipeline.run(range(n))
+    assert sink.items == list(range(n))
+    assert report.stages[0].calls <= n // workers + 2  # the source's first item goes alone
+
+
+async def test_async_stage_coroutines_that_wait_or_fail_among_instant_ones_run_once() -> None:
+    # a chunk runs the coroutines that end at their first step one after the other; one
+    # that waits or fails there goes on from where it is, never started a second time
+    started: dict[int, int] = {}
+
+    async def mixed(x: int) -> int:
+        started[x] = started.get(x, 0) + 1
+        if x % 7 == 0:
+            await anyio.lowlevel.checkpoint()
+        if x % 11 == 0:
+            raise ValueError(x)
+        if x % 13 == 0:
+            await anyio.lowlevel.checkpoint()
+            raise KeyError(x)
+        return -x
+
+    n = 3_000
+    sink = ListSink()
+    pipeline = Pipeline([Stage(mixed, kind="async", workers=4, on_error="skip")], sink=sink)
+    with anyio.fail_after(30):
+        report = await pipeline.run(range(n))
+    assert started == dict.fromkeys(range(n), 1)
+    kept = [x for x in range(n) if x % 11 and x % 13]
+    assert sink.items == [-x for x in kept]
+    stage = report.stages[0]
+    assert (stage.items_in, stage.items_out, stage.skipped) == (n, len(kept), n - len(kept))
+
+
 async def test_unordered_stage_delivers_every_item() -> None:
     pipeline = Pipeline([Stage(fns.slow_identity, kind="thread", workers=8, ordered=False)])
     results = await pipeline.collect(range(500))

@@ -18,11 +18,14 @@ from anyio.streams.memory import MemoryObjectSendStream
 # A batch from a slow source is sent after this long even if it is not full.
 FLUSH_INTERVAL_S = 0.05
 # `batch: auto` aims for executor calls this long: long enough to hide the call's
-# overhead (~100 µs for a process pool), short enough to keep results flowing.
-TARGET_CALL_S = {"process": 0.05, "executor": 0.05, "dask": 0.05, "thread": 0.02, "async": 0.0}
-# An async stage's chunk is run by up to `workers` tasks of its own (see _call_async), so
-# its size costs no concurrency: it only bounds the items held before their results go on.
-MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 256}
+# overhead (~100 µs for a process pool), short enough to keep results flowing. An async
+# stage's chunk is run by up to `workers` lanes (see _call_async), so its size costs no
+# concurrency; it holds its results until its end, so it is sized by time as a thread
+# call is: a chunk of coroutines that end at once holds thousands (its fixed costs, a
+# task and its results' hop, are shared by them, and the next stage gets full batches),
+# one of coroutines that wait holds few (but one per lane, see StageRun._chunk_size).
+TARGET_CALL_S = {"process": 0.05, "executor": 0.05, "dask": 0.05, "thread": 0.02, "async": 0.02}
+MAX_CHUNK = {"process": 16384, "executor": 16384, "dask": 16384, "thread": 1024, "async": 16384}
 
 
 class Batch(NamedTuple):
@@ -102,8 +105,7 @@ class _ChunkSizer:
         self.fixed = fixed
         self.target = TARGET_CALL_S[kind]
         self.limit = MAX_CHUNK[kind]
-        # with no time to aim for (async), a chunk is as large as the limit allows
-        self.size = fixed or (self.limit if self.target == 0 else 1)
+        self.size = fixed or 1
         self.per_item: float | None = None
         self.by_time = self.size
         self.bytes = _ByteGauge()
@@ -115,7 +117,7 @@ class _ChunkSizer:
         self._round_trips: collections.deque[float] = collections.deque(maxlen=ROUND_TRIPS_KEPT)
 
     def observe(self, items: int, busy_s: float, worker: str = "") -> None:
-        if self.fixed is not None or items == 0 or self.target == 0:
+        if self.fixed is not None or items == 0:
             return
         cost = max(busy_s / items, 1e-8)
         first = worker not in self._seen

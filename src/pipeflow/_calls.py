@@ -365,6 +365,9 @@ class _ExecutorCalls:
         # coroutines that end without waiting are counted together, once per chunk
         instant_items = 0
         instant_s = 0.0
+        # with no start times and no timeout to keep, a chunk's coroutines that end at
+        # their first step are run in a tight loop (see lane)
+        instant_runs = starts is None and timeout is None
 
         async def lane(started: bool = False) -> None:
             nonlocal next_position, starting, closing, failed, instant_items, instant_s
@@ -375,6 +378,56 @@ class _ExecutorCalls:
                     # no new coroutine
                     await anyio.lowlevel.checkpoint_if_cancelled()
                 while next_position < count:
+                    if instant_runs:
+                        # coroutines that end at their first step run one after the other
+                        # here: nothing else runs on the loop meanwhile, so the run keeps
+                        # its place to itself and reads the clock once per item
+                        position = next_position
+                        mark = begun = perf_counter()
+                        coro = None
+                        while position < count:
+                            value = values[position]
+                            coro = fn(value, state) if has_state else fn(value)
+                            try:
+                                yielded = coro.send(None)
+                            except StopIteration as done:
+                                outcomes[position] = done.value
+                                position += 1
+                                now = perf_counter()
+                                if now - mark > LOOP_BLOCK_S:
+                                    self._loop_blocked(now - mark)
+                                mark = now
+                                coro = None
+                                continue
+                            except Exception as exc:
+                                yielded = _AsyncFailure(exc)
+                            break
+                        if position > next_position:
+                            instant_items += position - next_position
+                            instant_s += mark - begun
+                        next_position = position
+                        if coro is None:
+                            continue  # the chunk's end
+                        # the coroutine at `position` failed or waits: it goes on below
+                        next_position += 1
+                        item_started = mark
+                        took = perf_counter() - item_started
+                        if took > LOOP_BLOCK_S:
+                            self._loop_blocked(took)
+                        if type(yielded) is _AsyncFailure:
+                            outcomes[position] = yielded
+                            failed = True
+                            self._item_done(took)
+                            continue
+                        if growing and self.lanes_free > 0:
+                            grow()
+                        try:
+                            outcomes[position] = await TimedSteps(coro, self._loop_blocked, yielded)
+                        except Exception as exc:
+                            outcomes[position] = _AsyncFailure(exc)
+                            failed = True
+                        self._item_done(perf_counter() - item_started)
+                        continue
                     position = next_position
                     next_position += 1
                     if growing and self.lanes_free > 0:

@@ -419,7 +419,7 @@ class StageRun(_Settlement):
                     report.queue_high_water = waiting
                 indices, values = batch
                 self.sizer.observe_values(values)
-                size = self.sizer.size
+                size = self._chunk_size()
                 merged = False
                 deadline: float | None = None
                 while len(values) < size:  # merge what waits
@@ -454,12 +454,21 @@ class StageRun(_Settlement):
                 # nothing else waiting, the cuts shrink (while a part is worth a call of
                 # its own, see _share) so that every worker stays busy to the end; a
                 # fixed `batch` keeps the cut it was given
-                size = self._share(self.sizer.size, len(values) - start, recv)
+                size = self._share(self._chunk_size(), len(values) - start, recv)
             end = start + size
             chunk = Batch(indices[start:end], values[start:end])
             start = end
             self.calls_running += 1
             yield chunk
+
+    def _chunk_size(self) -> int:
+        """The items of the next chunk, as the sizer has it; an async stage's chunk holds
+        at least one item per lane (fewer cannot keep the lanes busy on their own, and its
+        first chunks would be measured one lane at a time)."""
+        size = self.sizer.size
+        if self.kind == "async" and self.sizer.fixed is None:
+            size = max(size, min(self.workers, self.sizer.limit))
+        return size
 
     def _call_done(self) -> None:
         """A chunk from `_chunks` is done with its slot."""
