@@ -261,6 +261,8 @@ class StageRun(_Settlement):
         stage_call = self.call
         async with slots_send:
             async for chunk in self._input(tg, recv):
+                if stage_call is not self.call:  # kind: auto has moved the stage
+                    stage_call, direct = self.call, self._direct_executor()
                 if direct is not None and stage_call is not None:
                     # no task per chunk: the emitter awaits the executor's own future
                     call = loop.run_in_executor(direct, _worker.run_chunk, stage_call, chunk.values)
