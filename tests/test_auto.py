@@ -130,9 +130,20 @@ def test_it_measures_again_when_the_work_changes_mid_run() -> None:
     fast, slow = (lambda limit: min(limit, 8) / 0.005), (lambda limit: min(limit, 32) / 0.020)
     drive(controller, fast, windows=30)
     assert settle(controller, fast) == 8
-    decisions = drive(controller, slow, windows=30)
+    decisions = drive(controller, slow, windows=30, latency_of=lambda limit: 0.020)
     assert "the work changed" in decisions[0].reason
     assert 32 <= settle(controller, slow) <= 40  # the knee, within a probe step
+
+
+def test_fewer_items_in_a_window_at_the_same_time_per_item_is_not_a_change_of_the_work() -> None:
+    # windows that got fewer (or more) items done while each took as long as before: the
+    # input paused, the machine was busy; the work is the same, and so is the limit
+    controller = ConcurrencyController(1, 64, start=8)
+    drive(controller, saturating(8), windows=3)
+    assert controller.phase == "hold"
+    decisions = drive(controller, lambda limit: 0.4 * saturating(8)(limit), windows=4)
+    decisions += drive(controller, lambda limit: 1.6 * saturating(8)(limit), windows=4)
+    assert not [d for d in decisions if "the work changed" in d.reason]
 
 
 def test_windows_where_the_stage_waited_on_its_queues_change_nothing() -> None:

@@ -11,7 +11,8 @@ The shape is an adaptive concurrency limiter (TCP's slow start, then additive pr
   (up to `MAX_PROBE_EVERY`): a probe down costs a window at fewer workers (and below 4
   workers a step is more than a quarter of them: probes come as much less often);
 - **the work changed**: throughput at the same limit moving by more than `CHANGED` in two
-  windows running (a service that slowed down) starts a new climb from where it is.
+  windows running, with the time per item moving the other way (a service that slowed
+  down), starts a new climb from where it is.
 
 A window in which the stage mostly waited for input or for room in its output queue says
 nothing about its own concurrency, and changes nothing. A window starts after a change has
@@ -241,8 +242,16 @@ class ConcurrencyController:
         return self._decide(t, target, f"{rate}{grown}: trying {target}")
 
     def _hold(self, throughput: float, latency: float, t: float) -> Decision | None:
-        base = self._base
-        if base > 0 and abs(throughput - base) > CHANGED * base:
+        base, base_latency = self._base, self._base_latency
+        # at the same concurrency, work that changed moves its time per item the other way
+        # (a service twice as slow: half the items per second, twice the time each); a
+        # window that only got fewer items done (a pause of the input, the GIL, the
+        # machine) is noise
+        moved = base > 0 and abs(throughput - base) > CHANGED * base
+        if moved and base_latency > 0:
+            opposite = (throughput < base) == (latency > base_latency)
+            moved = opposite and abs(latency - base_latency) > CHANGED / 2 * base_latency
+        if moved:
             self._shifted += 1
             if self._shifted >= 2:
                 # the work changed: measure again from here, upwards first
