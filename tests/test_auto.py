@@ -559,6 +559,32 @@ def test_kind_auto_measures_a_function_that_computes_one_call_then_two_at_a_time
     assert "holds the GIL" in probe.choice[1] and probe.choice[0] == "process"
 
 
+def test_kind_auto_does_not_measure_calls_admitted_before_the_limit_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 4 calls hold the limit's permits when it drops to 1: the 3 still to complete were
+    # admitted at 4 at once, however late they started (a chunk that waited for company,
+    # a thread that waited for the GIL), and they ran beside each other
+    probe, now, limits = probe_with_fake_clock(monkeypatch)
+    held = [4]
+    probe.held = lambda: held[0]
+    probe.completed(1, 0.005)
+    while limits == [4]:
+        now[0] += 0.005
+        probe.fn.cpu_s += 0.005
+        probe.completed(1, 0.02)
+    assert limits == [4, 1]
+    for _ in range(3):
+        now[0] += 0.02
+        probe.fn.cpu_s += 0.005
+        # started after the change, by the worker's clock, and slowed by its neighbours
+        probe.completed(1, 0.02, started=now[0] - 0.015)
+        assert probe._items == 0
+    now[0] += 0.005
+    probe.completed(1, 0.005, started=now[0] - 0.005)
+    assert probe._items == 1
+
+
 @pytest.mark.anyio
 async def test_a_switch_to_processes_loses_and_repeats_no_item(
     monkeypatch: pytest.MonkeyPatch,

@@ -461,8 +461,11 @@ class StageTuner:
         if decision is not None:
             self._record(now, decision.workers, decision.reason)
 
-    def completed(self, items: int, busy_s: float, calls: int = 1) -> None:
-        """Count a completed call (or item) of `items` items that took `busy_s`."""
+    def completed(
+        self, items: int, busy_s: float, calls: int = 1, started: float | None = None
+    ) -> None:
+        """Count a completed call (or item) of `items` items that took `busy_s`, from
+        `started` when the caller knows it (by default, a call ended now)."""
         now = self.clock()
         if self.started is None:
             # the window starts with the first completion: pool start and the source's
@@ -471,7 +474,9 @@ class StageTuner:
             self._begin_window(now)
             self._record(now, self.controller.limit, "start")
             return
-        if now - busy_s / max(1, calls) < self._changed_at:
+        if started is None:
+            started = now - busy_s / max(1, calls)
+        if started < self._changed_at:
             # a call that started before the last change says nothing about the new limit
             self._begin_window(now)
             return

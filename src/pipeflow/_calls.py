@@ -116,10 +116,13 @@ class _ExecutorCalls:
         self.sizer.observe_values(result.outputs)
         if self.kind != "async":  # an async stage's items are timed one by one
             self.latency.add(result.busy_s / max(1, items), items)
+            # a thread's start time is on this process's clock; a process's, a Dask
+            # worker's may not be
+            started = result.started if self.kind == "thread" else None
             if self.kind_probe is not None:
-                self.kind_probe.completed(items, result.busy_s)
+                self.kind_probe.completed(items, result.busy_s, started)
             elif self.tuner is not None:
-                self.tuner.completed(items, result.busy_s)
+                self.tuner.completed(items, result.busy_s, started=started)
 
     def _failed_chunk(self, exc: BaseException) -> ChunkResult:
         collector = Collector(self.stage.op)
@@ -144,7 +147,9 @@ class _ExecutorCalls:
                 for f in result.failures
             )
         busy = sum(r.busy_s for r in results)
-        return ChunkResult(outputs, kept, failures, busy, results[-1].worker if results else "")
+        worker = results[-1].worker if results else ""
+        started = min((r.started for r in results), default=0.0)
+        return ChunkResult(outputs, kept, failures, busy, worker, started)
 
     async def _call(self, values: list[Any], *, alone: bool = False) -> ChunkResult:
         """One executor call for a chunk.

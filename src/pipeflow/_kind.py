@@ -182,6 +182,8 @@ class KindProbe:
         clock: Seconds, monotonic.
         first: The calls at once of a first window that tells a function that waits
             (1: none, the probe starts with 1 call at a time).
+        held: The calls admitted and not yet done (the limit's permits held), the one
+            that completes included.
     """
 
     def __init__(
@@ -192,8 +194,14 @@ class KindProbe:
         threads: Callable[[], list[threading.Thread]] = list,
         clock: Callable[[], float] = time.perf_counter,
         first: int = 1,
+        held: Callable[[], int] = lambda: 1,
     ) -> None:
         self.fn = fn
+        self.held = held
+        # completions still to come of calls admitted before the limit last changed: a
+        # call may start well after its admission (its chunk waits for company, its
+        # thread for the GIL), so its start time alone cannot tell
+        self._stale = 0
         self.threads = threads
         # per window: the share of their busy time the threads wanted a CPU (ran, or
         # waited for one), and the CPU seconds per second they got
@@ -224,12 +232,16 @@ class KindProbe:
         self._sched_at = sched_seconds(self.threads())
         self._starved_at = self.report.idle_s + self.report.blocked_s
 
-    def completed(self, items: int, busy_s: float) -> None:
-        """Count a completed call of `items` items that took `busy_s`."""
+    def completed(self, items: int, busy_s: float, started: float | None = None) -> None:
+        """Count a completed call of `items` items that took `busy_s` from `started`
+        (by default, it ended now)."""
         if self.choice is not None:
             return
         now = self.clock()
-        if self._started is None or now - busy_s < self._changed_at:
+        if started is None:
+            started = now - busy_s
+        if self._stale > 0 or self._started is None or started < self._changed_at:
+            self._stale = max(0, self._stale - 1)
             # the first call warms up, and a call started at the last limit tells
             # nothing of this one: not measured
             self._begin(now)
@@ -288,6 +300,7 @@ class KindProbe:
 
     def _limit(self, now: float, calls: int) -> None:
         self._changed_at = now
+        self._stale = max(0, self.held() - 1)  # all but the call that completes now
         self.set_limit(calls)
 
     def _first_window(self, now: float, window: Window) -> None:

@@ -543,12 +543,14 @@ class StageRun(_Settlement):
             if not isinstance(self.limiter, AdjustableLimiter):
                 self.limiter = AdjustableLimiter(self.in_flight)  # type: ignore[assignment]
             assert isinstance(self.limiter, AdjustableLimiter)
+            limiter = self.limiter
             self.kind_probe = KindProbe(
                 timed,
                 self.report,
-                self.limiter.set_limit,
+                limiter.set_limit,
                 lambda: pool_threads(pool.executor),
                 first=min(START, pool.workers),
+                held=lambda: limiter.held,
             )
 
     def _kind_ready(self) -> bool:

@@ -80,7 +80,8 @@ class ChunkResult:
     """What a worker returns for a chunk.
 
     `kept` maps each output to the position of its input in the chunk; None means output
-    i comes from input i (a map or map_batch with no failure).
+    i comes from input i (a map or map_batch with no failure). `started` is the worker's
+    `time.perf_counter()` when the call began: the caller's own clock in a thread.
     """
 
     outputs: list[Any]
@@ -88,18 +89,25 @@ class ChunkResult:
     failures: list[Failure]
     busy_s: float
     worker: str
+    started: float = 0.0
 
     def __reduce__(self) -> tuple[Any, ...]:
         packed: bytes | None = self.__dict__.get("packed")
+        rest = (self.kept, self.failures, self.busy_s, self.worker, self.started)
         if packed is None:
-            return (ChunkResult, (self.outputs, self.kept, self.failures, self.busy_s, self.worker))
-        return (_unpacked, (packed, self.kept, self.failures, self.busy_s, self.worker))
+            return (ChunkResult, (self.outputs, *rest))
+        return (_unpacked, (packed, *rest))
 
 
 def _unpacked(
-    packed: bytes, kept: list[int] | None, failures: list[Failure], busy_s: float, worker: str
+    packed: bytes,
+    kept: list[int] | None,
+    failures: list[Failure],
+    busy_s: float,
+    worker: str,
+    started: float,
 ) -> ChunkResult:
-    return ChunkResult(pickle.loads(packed), kept, failures, busy_s, worker)
+    return ChunkResult(pickle.loads(packed), kept, failures, busy_s, worker, started)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -143,7 +151,12 @@ def pack_outputs(result: ChunkResult, op: str, items: int) -> ChunkResult:
     failures.sort(key=lambda f: f.position)
     pairs = [(o, p) for o, p in zip(result.outputs, kept, strict=True) if p not in bad]
     result = ChunkResult(
-        [o for o, _ in pairs], [p for _, p in pairs], failures, result.busy_s, result.worker
+        [o for o, _ in pairs],
+        [p for _, p in pairs],
+        failures,
+        result.busy_s,
+        result.worker,
+        result.started,
     )
     result.packed = _dumps(result.outputs)  # type: ignore[attr-defined]
     return result
@@ -462,7 +475,7 @@ class Collector:
     def result(self, started: float) -> ChunkResult:
         """The chunk's outcome, with the time since `started` as its busy time."""
         busy = time.perf_counter() - started
-        return ChunkResult(self.outputs, self.kept, self.failures, busy, _worker_name())
+        return ChunkResult(self.outputs, self.kept, self.failures, busy, _worker_name(), started)
 
 
 class _Paced:
