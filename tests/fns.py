@@ -519,3 +519,22 @@ def holds_the_gil(n: int) -> int:
     while time.perf_counter() < deadline:
         total += 1
     return n
+
+
+_holding = 0
+
+
+def holds_the_gil_counting(n: int) -> tuple[int, int, int, float, float]:
+    """`holds_the_gil`; returns n, how many calls ran at once in its process as it
+    started, its process id, and its start and end (`time.perf_counter()`)."""
+    global _holding
+    started = time.perf_counter()
+    with _running_lock:
+        _holding += 1
+        seen = _holding
+    try:
+        holds_the_gil(n)
+    finally:
+        with _running_lock:
+            _holding -= 1
+    return n, seen, os.getpid(), started, time.perf_counter()

@@ -608,6 +608,56 @@ async def test_a_switch_to_processes_loses_and_repeats_no_item(
 
 
 @pytest.mark.anyio
+async def test_one_thread_goes_on_while_the_chosen_process_pool_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the probe found 2 threads no better than 1: while the process pool starts, one
+    # call at a time leaves the GIL to the start
+    import os
+    import threading
+    import time
+
+    from pipeflow._pools import PoolHandle
+
+    monkeypatch.setattr(_kind, "choose_kind", lambda *args: ("process", "chosen by the test"))
+    written: list[tuple[int, int, int, float, float]] = []
+    begun: list[int] = []
+    starting: list[float] = []  # when the start began, and when it let the pool go
+    enough = threading.Event()
+
+    def write(item: tuple[int, int, int, float, float]) -> None:
+        written.append(item)
+        if begun and len(written) >= begun[0] + 200:
+            enough.set()
+
+    start = PoolHandle.start
+
+    def slow_start(self: PoolHandle) -> None:
+        if self.kind == "process" and not self.lazy:
+            begun.append(len(written))
+            starting.append(time.perf_counter())
+            enough.wait(timeout=30)  # ready once the threads have written 200 more items
+            starting.append(time.perf_counter())
+        start(self)
+
+    monkeypatch.setattr(PoolHandle, "start", slow_start)
+    stage = pipeflow.Stage(fns.holds_the_gil_counting, kind="auto", workers=4)
+    pipeline = pipeflow.Pipeline([stage], sink=pipeflow.CallableSink(write))
+    with anyio.fail_after(50):
+        report = await pipeline.run(range(1000))
+    assert enough.is_set() and report.stages[0].kind == "process"
+    assert [item[0] for item in written] == list(range(1000))
+    # the calls admitted before the start end as they would; after the last of them,
+    # and until the pool is ready, one call at a time
+    began, ready = starting
+    stale_end = max(end for *_, started, end in written if started < began)
+    during = [item for item in written if stale_end <= item[3] and item[4] <= ready]
+    assert len(during) >= 20
+    assert {pid for _, _, pid, _, _ in during} == {os.getpid()}
+    assert {seen for _, seen, _, _, _ in during} == {1}, during
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("start_fails", [False, True])
 async def test_threads_go_on_while_the_process_pool_starts_and_an_input_that_ends_first_stays(
     monkeypatch: pytest.MonkeyPatch, start_fails: bool

@@ -67,6 +67,36 @@ def test_a_recycling_pool_replaces_a_worker_whatever_calls_are_queued() -> None:
         handle.shutdown(kill=True)
 
 
+def test_a_pool_shut_down_while_it_starts_in_a_thread_leaves_no_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `kind: auto` starts its process pool in a thread while the run goes on: a run that
+    # ends meanwhile shuts the pool down as the start goes on, and the start must not
+    # leave a pool behind it
+    creating, release = threading.Event(), threading.Event()
+    create = PoolHandle._create
+
+    def slow_create(self: PoolHandle) -> Any:
+        creating.set()
+        release.wait(timeout=30)
+        return create(self)
+
+    monkeypatch.setattr(PoolHandle, "_create", slow_create)
+    handle = PoolHandle("cpu", spec=Pool("process", workers=2))
+    starter = threading.Thread(target=handle.start)
+    starter.start()
+    assert creating.wait(timeout=30)
+    stopper = threading.Thread(target=functools.partial(handle.shutdown, kill=True))
+    stopper.start()
+    stopper.join(timeout=1.0)  # a shutdown that does not wait for the start returns now
+    release.set()
+    starter.join(timeout=30)
+    stopper.join(timeout=30)
+    assert not starter.is_alive() and not stopper.is_alive()
+    assert handle.executor is None
+    assert worker_processes() == []
+
+
 # --- a source that blocks -------------------------------------------------------------------
 
 

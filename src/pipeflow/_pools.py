@@ -21,6 +21,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -201,6 +202,11 @@ class PoolHandle:
         # `kind: auto`: the process pool a thread stage may move to, started only then
         self.switch_to: PoolHandle | None = None
         self.lazy = False
+        # a start (in a thread, as `kind: auto` starts its process pool while the run
+        # goes on) and the run's shutdown take turns: a pool is never started after, or
+        # while, it is shut down
+        self._lifecycle = threading.Lock()
+        self._shut = False
         self.kind: str
         if executor is None:
             assert spec is not None
@@ -221,11 +227,12 @@ class PoolHandle:
 
     def start(self) -> None:
         """Create the pool (if owned) and spawn its workers. Blocking: call from a thread."""
-        if not self.owned or self.executor is not None or self.lazy:
-            return
-        started = time.perf_counter()
-        self.executor = self._create()
-        self.start_s += time.perf_counter() - started
+        with self._lifecycle:
+            if not self.owned or self.executor is not None or self.lazy or self._shut:
+                return
+            started = time.perf_counter()
+            self.executor = self._create()
+            self.start_s += time.perf_counter() - started
 
     def bound_calls(self) -> None:
         """Let no more calls into the pool than it has workers, whichever stage makes them.
@@ -401,7 +408,9 @@ class PoolHandle:
 
         Blocking: call from a thread. A lent pool is left alone.
         """
-        executor, self.executor = self.executor, None
+        with self._lifecycle:
+            self._shut = True
+            executor, self.executor = self.executor, None
         if self.owned:
             self._end(executor, kill=kill)
 
